@@ -72,22 +72,23 @@ def sparse_matmul(
     m: int = 4,
     norm_comp: bool = True,
     min_tokens: int = 0,
-    kernel: str = "reference",
+    impl: str = "reference",
 ) -> Tensor:
     """The fused layer the passes insert: ``s * S(x) @ other + (x @ lr_down) @ lr_up + bias``.
 
     ``other`` is in matmul layout, (K, N) or (B, K, N): ``weight.t()`` for a linear layer.
+    ``impl`` names the kernel (see ``registry``); the passes resolve "auto" before inserting the op.
     """
     _check_matmul_shapes(x, other, x.shape[-1])
-    run = get_kernel(kernel).run
+    run = get_kernel(impl).run
     return run(x, other, bias, lr_down, lr_up, n=n, m=m, norm_comp=norm_comp, min_tokens=min_tokens)
 
 
 @sparse_matmul.register_fake
 def _sparse_matmul_fake(x, other, bias=None, lr_down=None, lr_up=None, *, n=2, m=4, norm_comp=True,
-                        min_tokens=0, kernel="reference"):
+                        min_tokens=0, impl="reference"):
     reference.check_pattern(n, m)
     reference.check_operand(x, m)
-    get_kernel(kernel)
+    get_kernel(impl)
     _check_matmul_shapes(x, other, x.shape[-1])
     return x.new_empty(*_batch_shape(x, other), x.shape[-2], other.shape[-1])

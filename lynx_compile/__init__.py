@@ -1,0 +1,15 @@
+"""lynx-compile: ``torch.compile(model, backend="rtlynx")`` runs DiT GEMMs with N:M activation sparsity.
+
+Importing the package registers the ``torch.ops.rtlynx.*`` custom ops and the ``rtlynx`` backend;
+the backend is also found through the ``torch_dynamo_backends`` entry point without an import.
+"""
+
+from .kernels import ops as _ops  # noqa: F401  (registers torch.ops.rtlynx.*)
+from .backend import register as _register_backend, rtlynx
+from .config import LynxConfig
+from .report import GemmRecord, GraphReport, clear_reports, reports
+
+_register_backend()
+
+__all__ = ["rtlynx", "LynxConfig", "GemmRecord", "GraphReport", "reports", "clear_reports"]
+__version__ = "0.1.0"

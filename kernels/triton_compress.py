@@ -1,0 +1,219 @@
+"""Triton N:M compress kernel: ``x (..., K) -> (values, uint8 indices, fp32 scale)``.
+
+Bit-for-bit the same selection and output format as :func:`reference.compress` (the scale agrees
+to fp32 rounding), plus an optional channel permutation applied on load, so that
+``compress(x, n, m, perm=p)`` equals ``reference.compress(x[..., p], n, m)`` without materialising
+``x[..., p]``.
+
+How the kernel works (one program per block of rows, one pass over X):
+
+* A K block is loaded as a ``[ROWS, GROUPS, M]`` tile, so every group of ``m`` lies along the
+  last axis.
+* Ranking key: the fp32 bit pattern of ``|x|`` read as int32. For non-negative floats this
+  integer order is the float order (subnormals and +Inf included); NaN is mapped to
+  ``0x7F800001``, one above +Inf, so NaN > Inf > finite and all NaNs tie, exactly as in the
+  reference. ``-0.0`` and ``0.0`` share key 0.
+* Rank of element ``i`` = number of group members ``j`` that beat it (``key_j > key_i``, or equal
+  keys and ``j < i``: ties keep the lower index). ``m <= 8``, so that is at most 8 compares per
+  element. Element ``i`` is kept when its rank is below ``n``.
+* Compaction: the output slot of a kept element is the number of kept elements before it in its
+  group (an exclusive cumsum), which stores kept positions in ascending order. Values are stored
+  straight from the loaded tile, so NaN payloads and ``-0.0`` survive bit for bit.
+* Norm compensation in the same pass: the reference divides the row by its final max ``|x|``
+  before squaring (no fp16/fp32 overflow, no vanishing subnormals). Here the max is not known
+  until the last K block, so the sums of squares are kept relative to the running max and
+  rescaled by ``(old_max / new_max)**2`` when it grows (as online softmax does). The ratio
+  ``total / kept`` is unchanged by the common factor; rounding differs from the reference only
+  in the last fp32 bits.
+
+Arithmetic inside the kernel is fp32 (the interpreter keeps bf16 as raw bits).
+``TRITON_INTERPRET=1`` runs it on the CPU. The kernels are jitted lazily at the first launch,
+separately for interpreter and compiled mode, so the environment variable can be set after import.
+
+Debugging aid: with ``LYNX_TRITON_POISON=1`` in the environment, the launchers fill their outputs
+with NaN (float) or 255 (uint8) before the kernel runs, so any element the kernel forgets to write
+shows up in the tests.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import reference
+
+try:  # triton is optional: importing this module must work without it.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = tl = None
+
+POISON_ENV = "LYNX_TRITON_POISON"
+DEFAULT_BLOCK_ROWS = 16
+DEFAULT_BLOCK_K = 256
+
+_JITTED: dict = {}
+
+
+def triton_unavailable_reason(device_type: str) -> str:
+    """"" when a Triton kernel can run on ``device_type`` now, else why it cannot."""
+    if triton is None:
+        return "triton is not installed (pip install 'lynx-compile[triton]')"
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if device_type == "cuda" or (device_type == "cpu" and interpret):
+        return ""
+    if device_type == "cpu":
+        return "device 'cpu' needs TRITON_INTERPRET=1 for the Triton interpreter"
+    return (f"device {device_type!r} is not supported by the Triton kernels "
+            "(use 'cuda', or 'cpu' with TRITON_INTERPRET=1)")
+
+
+def require_triton(device: torch.device) -> None:
+    reason = triton_unavailable_reason(device.type)
+    if reason:
+        raise RuntimeError(f"Triton kernel cannot run: {reason}")
+
+
+def jitted(fn):
+    """``triton.jit(fn)``, built on first use for the current interpreter/compiled mode.
+
+    ``triton.jit`` decides at decoration time whether a kernel is interpreted, so decorating at
+    import would freeze the mode that was active when lynx_compile was imported.
+    """
+    key = (fn, bool(triton.knobs.runtime.interpret))
+    if key not in _JITTED:
+        _JITTED[key] = triton.jit(fn)
+    return _JITTED[key]
+
+
+def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """``torch.empty``, or a poisoned tensor (NaN / 255) when ``LYNX_TRITON_POISON=1``."""
+    if os.environ.get(POISON_ENV, "0") != "1":
+        return torch.empty(shape, dtype=dtype, device=device)
+    fill = float("nan") if dtype.is_floating_point else torch.iinfo(dtype).max
+    return torch.full(shape, fill, dtype=dtype, device=device)
+
+
+def _pow2_at_most(value: int, cap: int) -> int:
+    return max(1, min(cap, triton.next_power_of_2(max(1, value))))
+
+
+if tl is not None:
+
+    def _compress_kernel(
+        x_ptr, perm_ptr, val_ptr, idx_ptr, scale_ptr,
+        R, G, stride_xr, stride_xk,
+        N: tl.constexpr, M: tl.constexpr, HAS_PERM: tl.constexpr, NORM_COMP: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
+    ):
+        """One program compresses BLOCK_R rows, walking K in blocks of BLOCK_G groups."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        r3 = rows.to(tl.int64)[:, None, None]                       # [BR, 1, 1]
+        g_in_block = tl.arange(0, BLOCK_G)[None, :, None]           # [1, BG, 1]
+        j = tl.arange(0, M)[None, None, :]                          # [1, 1, M]
+        row_ok = r3 < R
+
+        amax = tl.zeros([BLOCK_R], dtype=tl.float32)    # running max |x| over finite values
+        total = tl.zeros([BLOCK_R], dtype=tl.float32)   # sum (x / amax)^2
+        kept = tl.zeros([BLOCK_R], dtype=tl.float32)    # sum (kept / amax)^2
+        bad = tl.zeros([BLOCK_R], dtype=tl.int32)       # row holds NaN or Inf
+
+        for g0 in range(0, G, BLOCK_G):
+            g = g0 + g_in_block
+            k = g * M + j                                           # [1, BG, M] column in x[..., perm]
+            mask = row_ok & (g < G)
+            if HAS_PERM:
+                col = tl.load(perm_ptr + k, mask=g < G, other=0).to(tl.int64)
+            else:
+                col = k.to(tl.int64)
+            x = tl.load(x_ptr + r3 * stride_xr + col * stride_xk, mask=mask, other=0.0)
+            mag = tl.abs(x.to(tl.float32))
+            is_nan = mag != mag
+            key = tl.where(is_nan, 0x7F800001, mag.to(tl.int32, bitcast=True))
+
+            rank = tl.zeros([BLOCK_R, BLOCK_G, M], dtype=tl.int32)
+            for jj in tl.static_range(M):
+                key_j = tl.sum(tl.where(j == jj, key, 0), axis=2, keep_dims=True)
+                beats = (key_j > key) | ((key_j == key) & (jj < j))
+                rank += beats.to(tl.int32)
+            keep = rank < N
+            keep_i = keep.to(tl.int32)
+            slot = tl.cumsum(keep_i, axis=2) - keep_i               # kept elements before this one
+            out = r3 * (G * N) + g * N + slot
+            store = mask & keep
+            tl.store(val_ptr + out, x, mask=store)
+            tl.store(idx_ptr + out, (j + tl.zeros_like(slot)).to(tl.uint8), mask=store)
+
+            if NORM_COMP:
+                finite = mag < float("inf")                         # False for NaN and Inf
+                bad = tl.maximum(bad, tl.max(tl.max((~finite & mask).to(tl.int32), axis=2), axis=1))
+                mag = tl.where(finite, mag, 0.0)
+                new_max = tl.maximum(amax, tl.max(tl.max(mag, axis=2), axis=1))
+                safe_max = tl.where(new_max > 0, new_max, 1.0)
+                shrink = amax / safe_max
+                q = mag / safe_max[:, None, None]
+                sq = q * q
+                total = total * shrink * shrink + tl.sum(tl.sum(sq, axis=2), axis=1)
+                kept = kept * shrink * shrink + tl.sum(tl.sum(tl.where(keep, sq, 0.0), axis=2), axis=1)
+                amax = new_max
+
+        if NORM_COMP:
+            ok = (bad == 0) & (kept > 0)
+            scale = tl.where(ok, tl.sqrt(total / tl.where(ok, kept, 1.0)), 1.0)
+        else:
+            scale = tl.full([BLOCK_R], 1.0, dtype=tl.float32)
+        tl.store(scale_ptr + rows, scale, mask=rows < R)
+
+
+def _check_perm(perm: torch.Tensor, x: torch.Tensor) -> None:
+    k = x.shape[-1]
+    if perm.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"perm must be an int64 (or int32) tensor, got {perm.dtype}")
+    if perm.shape != (k,):
+        raise ValueError(f"perm must have shape ({k},) to permute the K={k} channels of x, got {tuple(perm.shape)}")
+    if perm.device != x.device:
+        raise ValueError(f"perm is on {perm.device} but x is on {x.device}")
+    # One small reduction (a host sync on GPU); an out-of-range index would read out of bounds.
+    if k and (int(perm.min()) < 0 or int(perm.max()) >= k):
+        raise ValueError(f"perm values must lie in [0, {k}); got [{int(perm.min())}, {int(perm.max())}]")
+
+
+def compress(
+    x: torch.Tensor,
+    n: int,
+    m: int,
+    norm_comp: bool = True,
+    perm: torch.Tensor | None = None,
+    *,
+    block_rows: int = DEFAULT_BLOCK_ROWS,
+    block_k: int = DEFAULT_BLOCK_K,
+):
+    """Triton version of :func:`reference.compress` (same outputs), optionally on ``x[..., perm]``.
+
+    Returns values ``(..., K*n/m)`` in x's dtype, uint8 in-group indices (ascending in each
+    group) and the fp32 per-row scale ``(...)``. ``block_rows`` / ``block_k`` set the tile (rows,
+    K columns); they are rounded to powers of two and capped by the problem size.
+    """
+    reference.check_pattern(n, m)
+    reference.check_operand(x, m)
+    if perm is not None:
+        _check_perm(perm, x)
+    require_triton(x.device)
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    rows, groups = x2.shape[0], k // m
+    values = new_output((rows, groups * n), x.dtype, x.device)
+    indices = new_output((rows, groups * n), torch.uint8, x.device)
+    scale = new_output((rows,), torch.float32, x.device)
+    if rows:
+        block_r = _pow2_at_most(rows, block_rows)
+        block_g = _pow2_at_most(groups, max(1, block_k // m))
+        jitted(_compress_kernel)[(triton.cdiv(rows, block_r),)](
+            x2, perm if perm is not None else x2, values, indices, scale,
+            rows, groups, x2.stride(0), x2.stride(1),
+            N=n, M=m, HAS_PERM=perm is not None, NORM_COMP=bool(norm_comp),
+            BLOCK_R=block_r, BLOCK_G=block_g,
+        )
+    kc = groups * n
+    return values.reshape(*lead, kc), indices.reshape(*lead, kc), scale.reshape(lead)

@@ -1,0 +1,242 @@
+"""Portable Triton sparse GEMM: ``s * S(x) @ other + (x @ lr_down) @ lr_up + bias``.
+
+Same signature and semantics as :func:`reference.sparse_matmul` / :func:`reference.sparse_mm`:
+fp32 accumulation, one rounding to x's dtype at the end.
+
+Route: :func:`triton_compress.compress` writes (values, uint8 indices, fp32 scale); the GEMM
+kernel reads that compressed A, expands each ``[BLOCK_M, BLOCK_K]`` tile back to dense in
+registers and multiplies it with ``tl.dot`` in fp32 (``input_precision="ieee"``: no TF32, so the
+fp32 path matches the reference to fp32 rounding). The epilogue applies the per-row scale, adds
+the low-rank term ``T @ lr_up`` with a second ``tl.dot`` (``T = x @ lr_down`` is the small
+``(M, R)`` fp32 matrix, computed beforehand with torch) and the bias, then rounds once. (The
+Triton interpreter casts fp32 to bf16 by truncation; under it the epilogue rounds to nearest even
+by hand, as the GPU conversion and torch do.)
+
+Triton has no sparse ``tl.dot``, so this kernel does dense-FLOP work on the expanded tile: it is
+the portable and testable path, not the fast one (that needs mma.sp / cuSPARSELt). It reads the
+compressed operand, i.e. ``n/m`` of A's values plus one byte per value of metadata.
+
+``other`` may have any strides (``weight.t()`` is the usual, transposed, case) and may be batched
+(B, K, N) with x (B, M, K); batch dims broadcast as in ``torch.matmul``. With a 2-D ``other``,
+all leading dims of x are folded into the rows of one GEMM.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import reference
+from .triton_compress import compress, jitted, new_output, require_triton, tl, triton, triton_unavailable_reason
+
+DEFAULT_BLOCK_M = 64
+DEFAULT_BLOCK_N = 64
+DEFAULT_BLOCK_K = 64
+
+
+def unavailable_reason(device_type: str, dtype: torch.dtype, shape: tuple) -> str:
+    """"" when this kernel can run for (device type, dtype, (M, K, N)), else the reason."""
+    reason = triton_unavailable_reason(device_type)
+    if reason:
+        return reason
+    if dtype not in reference.SUPPORTED_DTYPES:
+        valid = ", ".join(str(d).removeprefix("torch.") for d in reference.SUPPORTED_DTYPES)
+        return f"dtype {dtype} is not supported by the Triton sparse GEMM; supported dtypes: {valid}"
+    return ""
+
+
+if tl is not None:
+
+    def _sparse_mm_kernel(
+        val_ptr, idx_ptr, scale_ptr, b_ptr, t_ptr, u_ptr, bias_ptr, out_ptr,
+        M, N, K, RANK,
+        s_vb, s_vm, s_vk, s_ib, s_im, s_ik, s_sb, s_sm,
+        s_bb, s_bk, s_bn, s_tb, s_tm, s_tr, s_ub, s_ur, s_un,
+        s_cb, s_cm, s_cn, s_ob, s_om, s_on,
+        NS: tl.constexpr, MS: tl.constexpr, HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BF16_RNE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        """One program computes a [BLOCK_M, BLOCK_N] output tile of batch program_id(2)."""
+        batch = tl.program_id(2).to(tl.int64)
+        rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        rn = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        m_ok = rm[:, None] < M
+        n_ok = rn[None, :] < N
+        val_rows = val_ptr + batch * s_vb + rm[:, None] * s_vm
+        idx_rows = idx_ptr + batch * s_ib + rm[:, None] * s_im
+
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)              # dense columns; BLOCK_K % MS == 0
+            k_ok = k[None, :] < K
+            group = k // MS
+            pos = (k % MS)[None, :]
+            # Expand the compressed tile: column k takes the kept value of its group whose stored
+            # index equals k % MS, or 0. Each of the NS slots is gathered for every column of its
+            # group (a re-read that hits the cache), and `where` copies it without arithmetic.
+            a = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+            for slot in tl.static_range(NS):
+                ck = (group * NS + slot)[None, :]
+                v = tl.load(val_rows + ck * s_vk, mask=m_ok & k_ok, other=0.0)
+                i = tl.load(idx_rows + ck * s_ik, mask=m_ok & k_ok, other=0)
+                a = tl.where(i.to(tl.int32) == pos, v.to(tl.float32), a)
+            b = tl.load(b_ptr + batch * s_bb + k[:, None] * s_bk + rn[None, :] * s_bn,
+                        mask=(k[:, None] < K) & n_ok, other=0.0)
+            acc = tl.dot(a, b.to(tl.float32), acc, input_precision="ieee")
+
+        scale = tl.load(scale_ptr + batch * s_sb + rm * s_sm, mask=rm < M, other=1.0)
+        acc = acc * scale[:, None]
+        if HAS_LR:  # low-rank compensation (x @ lr_down) @ lr_up, accumulated in the epilogue
+            lr = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for r0 in range(0, RANK, BLOCK_R):
+                r = r0 + tl.arange(0, BLOCK_R)
+                t = tl.load(t_ptr + batch * s_tb + rm[:, None] * s_tm + r[None, :] * s_tr,
+                            mask=m_ok & (r[None, :] < RANK), other=0.0)
+                u = tl.load(u_ptr + batch * s_ub + r[:, None] * s_ur + rn[None, :] * s_un,
+                            mask=(r[:, None] < RANK) & n_ok, other=0.0)
+                lr = tl.dot(t.to(tl.float32), u.to(tl.float32), lr, input_precision="ieee")
+            acc = acc + lr
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + batch * s_cb + rm[:, None] * s_cm + rn[None, :] * s_cn,
+                           mask=m_ok & n_ok, other=0.0)
+            acc = acc + bias.to(tl.float32)
+        if BF16_RNE:  # the interpreter truncates fp32 -> bf16: round to nearest even by hand
+            bits = acc.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            res = tl.where(acc != acc, 0x7FC0, bits).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            res = acc.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + batch * s_ob + rm[:, None] * s_om + rn[None, :] * s_on, res, mask=m_ok & n_ok)
+
+
+def _expand(t: torch.Tensor, shape: tuple, what: str) -> torch.Tensor:
+    try:
+        return t.expand(shape)
+    except RuntimeError as err:
+        raise ValueError(f"{what} of shape {tuple(t.shape)} does not broadcast to {tuple(shape)}") from err
+
+
+def _flat(t: torch.Tensor, batch: tuple, tail: tuple, what: str) -> torch.Tensor:
+    """Broadcast ``t`` to ``(*batch, *tail)`` and fold the batch dims into one: ``(B, *tail)``.
+
+    Broadcast dims get stride 0, so this is a view (no copy) in the usual cases.
+    """
+    return _expand(t, (*batch, *tail), what).reshape(-1, *tail)
+
+
+def _gemm(values, indices, scale, other, bias, t, lr_up, *, n, m, out_dtype, block_m, block_n, block_k):
+    """Launch the GEMM on compressed A (values/indices/scale); ``t`` is ``x @ lr_down`` in fp32."""
+    reference.check_pattern(n, m)
+    if values.shape != indices.shape:
+        raise ValueError(f"values {tuple(values.shape)} and indices {tuple(indices.shape)} differ in shape")
+    if indices.dtype != torch.uint8:
+        raise TypeError(f"indices must be uint8, got {indices.dtype}")
+    reference.check_operand(values, n, "values")
+    reference.check_operand(other, 1, "other")
+    if other.dim() < 2:
+        raise ValueError(f"other must have shape (K, N) or (..., K, N), got {tuple(other.shape)}")
+    if scale.shape != values.shape[:-1]:
+        raise ValueError(f"scale must have shape {tuple(values.shape[:-1])}, got {tuple(scale.shape)}")
+    require_triton(values.device)
+
+    vector = values.dim() == 1  # x of shape (K,): a single row, as torch.matmul treats it
+    if vector:
+        values, indices, scale = values[None], indices[None], scale[None]
+        t = t[None] if t is not None else None
+    kc = values.shape[-1]
+    k, n_out = kc // n * m, other.shape[-1]
+    if other.shape[-2] != k:
+        raise ValueError(f"reduction dims differ: x has K={k}, other has K={other.shape[-2]}")
+    rank = t.shape[-1] if t is not None else 0
+    if t is not None and lr_up.shape[-2] != rank:
+        raise ValueError(f"lr_down has rank {rank} but lr_up has {lr_up.shape[-2]} rows (expected (R, N))")
+
+    dims = [values.shape[:-2], other.shape[:-2]] + ([t.shape[:-2], lr_up.shape[:-2]] if t is not None else [])
+    batch = torch.broadcast_shapes(*dims)
+    out_shape = (*batch, values.shape[-2], n_out)
+    fold = other.dim() == 2 and (t is None or (lr_up.dim() == 2 and t.shape[:-1] == values.shape[:-1]))
+    if fold:  # one GEMM over all rows of x
+        rows = math.prod(values.shape[:-1])
+        values, indices = values.reshape(rows, kc), indices.reshape(rows, kc)
+        scale = scale.reshape(rows)
+        t = t.reshape(rows, rank) if t is not None else None
+        bias = _expand(bias, out_shape, "bias").reshape(rows, n_out) if bias is not None else None
+        batch, rows_per_batch = (), rows
+    else:
+        rows_per_batch = values.shape[-2]
+    mr = rows_per_batch
+    v3 = _flat(values, batch, (mr, kc), "values")
+    i3 = _flat(indices, batch, (mr, kc), "indices")
+    s2 = _flat(scale, batch, (mr,), "scale")
+    b3 = _flat(other, batch, (k, n_out), "other")
+    t3 = _flat(t, batch, (mr, rank), "x @ lr_down") if t is not None else None
+    u3 = _flat(lr_up, batch, (rank, n_out), "lr_up") if t is not None else None
+    c3 = _flat(bias, batch, (mr, n_out), "bias") if bias is not None else None
+    nb = v3.shape[0]
+    out = new_output((nb, mr, n_out), out_dtype, values.device)
+
+    if nb and mr and n_out:
+        bm = max(16, min(block_m, triton.next_power_of_2(mr)))
+        bn = max(16, min(block_n, triton.next_power_of_2(n_out)))
+        bk = max(16, min(block_k, triton.next_power_of_2(max(k, 1))))
+        br = max(16, min(64, triton.next_power_of_2(max(rank, 1))))
+        zeros3 = (0, 0, 0)
+        grid = (triton.cdiv(mr, bm), triton.cdiv(n_out, bn), nb)
+        jitted(_sparse_mm_kernel)[grid](
+            v3, i3, s2, b3,
+            t3 if t3 is not None else out, u3 if u3 is not None else out, c3 if c3 is not None else out, out,
+            mr, n_out, k, rank,
+            *v3.stride(), *i3.stride(), *s2.stride(), *b3.stride(),
+            *(t3.stride() if t3 is not None else zeros3), *(u3.stride() if u3 is not None else zeros3),
+            *(c3.stride() if c3 is not None else zeros3), *out.stride(),
+            NS=n, MS=m, HAS_LR=t3 is not None, HAS_BIAS=c3 is not None,
+            BF16_RNE=out_dtype == torch.bfloat16 and bool(triton.knobs.runtime.interpret),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br,
+        )
+    out = out.reshape(out_shape)
+    return out.squeeze(-2) if vector else out
+
+
+def sparse_mm(values, indices, scale, other, bias=None, *, n: int, m: int,
+              block_m: int = DEFAULT_BLOCK_M, block_n: int = DEFAULT_BLOCK_N,
+              block_k: int = DEFAULT_BLOCK_K) -> torch.Tensor:
+    """Triton :func:`reference.sparse_mm`: ``scale * (S(x) @ other) + bias`` from compressed x."""
+    return _gemm(values, indices, scale, other, bias, None, None, n=n, m=m, out_dtype=values.dtype,
+                 block_m=block_m, block_n=block_n, block_k=block_k)
+
+
+def sparse_matmul(
+    x: torch.Tensor,
+    other: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    lr_down: torch.Tensor | None = None,
+    lr_up: torch.Tensor | None = None,
+    *,
+    n: int,
+    m: int,
+    norm_comp: bool = True,
+    min_tokens: int = 0,
+    block_m: int = DEFAULT_BLOCK_M,
+    block_n: int = DEFAULT_BLOCK_N,
+    block_k: int = DEFAULT_BLOCK_K,
+) -> torch.Tensor:
+    """Triton :func:`reference.sparse_matmul`: ``s * S(x) @ other + (x @ lr_down) @ lr_up + bias``.
+
+    ``other`` is (K, N) or (B, K, N), any strides; rows fewer than ``min_tokens`` take the exact
+    dense torch path, as in the reference. ``x @ lr_down`` (M x R, R small) is computed in fp32
+    with torch, and its product with ``lr_up`` is accumulated in the GEMM's epilogue.
+    """
+    reference.check_pattern(n, m)
+    reference.check_operand(x, m)
+    reference.check_operand(other, 1, "other")
+    if (lr_down is None) != (lr_up is None):
+        raise ValueError("lr_down and lr_up must be given together (low-rank compensation)")
+    if x.dim() >= 2 and x.shape[-2] < min_tokens:
+        y = torch.matmul(x, other)
+        return (y + bias if bias is not None else y).contiguous()
+    values, indices, scale = compress(x, n, m, norm_comp)
+    t = torch.matmul(x.float(), lr_down.float()) if lr_down is not None else None
+    return _gemm(values, indices, scale, other, bias, t, lr_up, n=n, m=m, out_dtype=x.dtype,
+                 block_m=block_m, block_n=block_n, block_k=block_k)

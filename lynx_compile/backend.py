@@ -1,0 +1,120 @@
+"""The ``rtlynx`` torch.compile backend.
+
+Dynamo hands us an FX graph; AOTAutograd and Inductor's decompositions lower it to ATen, where
+every linear becomes one mm/addmm node. ``LynxPass`` runs there as Inductor's post-grad custom pass,
+so everything that is not a GEMM is still fused by Inductor. ``inner="eager"`` runs the same pass on
+the same decomposed graph and executes it op by op, for debugging.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from typing import Any, Mapping
+
+import torch
+from torch import fx
+
+from . import report as reports
+from .config import LynxConfig
+from .log import log
+from .passes.lynx_pass import LynxPass
+
+_graph_counter = itertools.count()
+
+
+def _mode_patches(mode: str | None) -> dict[str, Any]:
+    """Inductor's own mapping from ``torch.compile(mode=...)`` to config, as Inductor applies it."""
+    if mode in (None, "default"):
+        return {}
+    from torch._inductor import list_mode_options
+
+    return dict(list_mode_options(mode))
+
+
+def _inner_compile(lynx_pass: LynxPass, gm: fx.GraphModule, example_inputs, **kwargs):
+    """Inductor's compile_fx_inner with our pass on forward graphs only.
+
+    The backward graph (training) keeps its dense GEMMs: gradients are those of the dense layers
+    evaluated at the same saved activations, i.e. a straight-through estimator.
+    """
+    from torch._inductor import config as inductor_config
+    from torch._inductor.compile_fx import compile_fx_inner
+
+    custom_pass = None if kwargs.get("is_backward") else lynx_pass
+    with inductor_config.patch(post_grad_custom_post_pass=custom_pass):
+        return compile_fx_inner(gm, example_inputs, **kwargs)
+
+
+def _compile_inductor(gm, example_inputs, lynx_pass: LynxPass, config: LynxConfig, mode):
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = _mode_patches(mode)
+    patches.update(dict(config.inductor_config))
+    if config.dump_dir:
+        # A cache hit skips post-grad passes, and with them the dumps the user asked for.
+        patches["force_disable_caches"] = True
+    return compile_fx(gm, example_inputs, inner_compile=functools.partial(_inner_compile, lynx_pass),
+                      config_patches=patches)
+
+
+def _compile_eager(gm, example_inputs, lynx_pass: LynxPass):
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._inductor.decomposition import select_decomp_table
+
+    def forward_compiler(fw_gm: fx.GraphModule, _inputs):
+        lynx_pass(fw_gm.graph)
+        fw_gm.recompile()
+        return fw_gm
+
+    def backward_compiler(bw_gm: fx.GraphModule, _inputs):
+        return bw_gm
+
+    return aot_autograd(fw_compiler=forward_compiler, bw_compiler=backward_compiler,
+                        decompositions=select_decomp_table())(gm, example_inputs)
+
+
+def _finish(lynx_pass: LynxPass, config: LynxConfig, graph_index: int) -> None:
+    report = lynx_pass.report
+    if report is None:
+        log.info("rtlynx graph %d: loaded from Inductor's cache; the rewrites are those of the cached compile",
+                 graph_index)
+        return
+    reports.record(report)
+    log.info(report.summary_line())
+    if config.dump_dir:
+        where = reports.write_dump(report, config.dump_dir)
+        log.info("rtlynx graph %d: dump written to %s", graph_index, where)
+
+
+def rtlynx(gm: fx.GraphModule, example_inputs, *, mode: str | None = None,
+           options: Mapping[str, Any] | LynxConfig | None = None):
+    """``torch.compile(model, backend="rtlynx", options={...})``: N:M activation-sparse GEMMs."""
+    config = LynxConfig.from_options(options)
+    if mode not in (None, "default") and config.mode not in (None, mode):
+        raise ValueError(f"mode given twice with different values: {mode!r} and options['mode']={config.mode!r}")
+    mode = config.mode if mode in (None, "default") else mode
+    graph_index = next(_graph_counter)
+    param_inputs = frozenset(i for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter))
+    lynx_pass = LynxPass(config, graph_index, param_inputs)
+    if config.inner == "eager":
+        compiled = _compile_eager(gm, example_inputs, lynx_pass)
+    else:
+        compiled = _compile_inductor(gm, example_inputs, lynx_pass, config, mode)
+    _finish(lynx_pass, config, graph_index)
+    return compiled
+
+
+def register() -> None:
+    """Register ``rtlynx`` with Dynamo, unless the entry point is the one loading us right now.
+
+    Dynamo resolves an entry-point backend by importing it and then calling ``register_backend``
+    itself, which rejects a name that is already taken.
+    """
+    from importlib.metadata import EntryPoint
+
+    from torch._dynamo.backends import registry
+
+    if "rtlynx" in registry._COMPILER_FNS or isinstance(registry._BACKENDS.get("rtlynx"), EntryPoint):
+        return
+    registry.register_backend(rtlynx, name="rtlynx")

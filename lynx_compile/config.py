@@ -1,0 +1,123 @@
+"""``LynxConfig``: the validated, frozen, hashable form of ``torch.compile(..., options=...)``."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+PATTERNS = ("2:4", "1:2", "4:8", "dense")
+OP_KINDS = ("linear", "matmul")
+KERNELS = ("auto", "reference")
+INNER_COMPILERS = ("inductor", "eager")
+MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+DUMP_DIR_ENV = "LYNX_DUMP_DIR"
+
+# DESIGN.md: on an H100, 2:4 GEMMs with fewer than ~512 tokens show no gain over dense.
+DEFAULT_MIN_TOKENS = 512
+
+
+def _choices(values) -> str:
+    return ", ".join(repr(v) for v in values)
+
+
+def _as_regex_tuple(key: str, value: Any) -> tuple[str, ...]:
+    items = (value,) if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(s, str) for s in items):
+        raise ValueError(f"option {key!r} must be a regex string or a list of them, got {value!r}")
+    for pattern in items:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"option {key!r}: invalid regex {pattern!r}: {e}") from None
+    return tuple(items)
+
+
+@dataclass(frozen=True)
+class LynxConfig:
+    """Every option of the ``rtlynx`` backend, with its default. See README.md, "Options"."""
+
+    pattern: str = "2:4"
+    norm_comp: bool = True
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    op_kinds: tuple[str, ...] = OP_KINDS
+    min_tokens: int = DEFAULT_MIN_TOKENS
+    kernel: str = "auto"
+    inner: str = "inductor"
+    mode: str | None = None
+    inductor_config: tuple[tuple[str, Any], ...] = ()
+    dump_dir: str | None = None
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """(N, M) of the sparsity pattern, or None for ``"dense"``."""
+        if self.pattern == "dense":
+            return None
+        n, m = self.pattern.split(":")
+        return int(n), int(m)
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | "LynxConfig" | None = None) -> "LynxConfig":
+        """Validate user options; unknown keys and bad values raise ``ValueError`` with the choices."""
+        if isinstance(options, LynxConfig):
+            return options
+        options = dict(options or {})
+        valid_keys = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(valid_keys))
+        if unknown:
+            raise ValueError(f"unknown option {unknown[0]!r}; valid options: {_choices(valid_keys)}")
+        if "dump_dir" not in options and os.environ.get(DUMP_DIR_ENV):
+            options["dump_dir"] = os.environ[DUMP_DIR_ENV]
+        return cls(**{key: _normalise(key, value) for key, value in options.items()})
+
+    def summary(self) -> dict[str, Any]:
+        """The options as plain JSON-able values (for reports)."""
+        out = dataclasses.asdict(self)
+        out["inductor_config"] = dict(self.inductor_config)
+        return out
+
+
+def _one_of(key: str, value: Any, choices) -> Any:
+    if value not in choices:
+        raise ValueError(f"option {key!r} has invalid value {value!r}; valid choices: {_choices(choices)}")
+    return value
+
+
+def _normalise(key: str, value: Any) -> Any:
+    if key == "pattern":
+        return _one_of(key, value, PATTERNS)
+    if key == "kernel":
+        return _one_of(key, value, KERNELS)
+    if key == "inner":
+        return _one_of(key, value, INNER_COMPILERS)
+    if key == "mode":
+        return _one_of(key, value, MODES)
+    if key == "norm_comp":
+        if not isinstance(value, bool):
+            raise ValueError(f"option 'norm_comp' must be True or False, got {value!r}")
+        return value
+    if key in ("include", "exclude"):
+        return _as_regex_tuple(key, value)
+    if key == "op_kinds":
+        kinds = (value,) if isinstance(value, str) else tuple(value)
+        if not kinds:
+            raise ValueError(f"option 'op_kinds' must name at least one of {_choices(OP_KINDS)}")
+        for kind in kinds:
+            _one_of(key, kind, OP_KINDS)
+        return tuple(k for k in OP_KINDS if k in kinds)
+    if key == "min_tokens":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"option 'min_tokens' must be an integer >= 0, got {value!r}")
+        return value
+    if key == "dump_dir":
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise ValueError(f"option 'dump_dir' must be a path or None, got {value!r}")
+        return None if value is None else os.fspath(value)
+    if key == "inductor_config":
+        if not isinstance(value, Mapping):
+            raise ValueError(f"option 'inductor_config' must be a dict of Inductor config keys, got {value!r}")
+        return tuple(sorted(value.items()))
+    raise AssertionError(key)

@@ -1,0 +1,76 @@
+"""``LynxPass``: classify every GEMM, ask the policy, rewrite, and describe what happened.
+
+It is an Inductor ``CustomGraphPass`` (post-grad), so its ``uuid`` joins Inductor's FX graph
+cache key: a change of options or of this package's pass code never reuses a stale compile.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from pathlib import Path
+
+from torch import fx
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from ..config import LynxConfig
+from ..policy import decide
+from ..report import GemmRecord, GraphReport
+from .gemm_sites import as_gemm_site
+from .rewrite_gemm import rewrite_gemm
+
+_PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+
+
+@functools.cache
+def _source_digest() -> str:
+    """Hash of the pass, policy and op sources: they decide what a cached graph contains."""
+    digest = hashlib.sha256()
+    for folder in ("passes", "kernels", "lynx_compile"):
+        for path in sorted((_PACKAGE_ROOT / folder).glob("*.py")):
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def readable(graph: fx.Graph) -> str:
+    """The graph as Python with shapes, dtypes, strides and devices (``print_readable``)."""
+    gm = graph.owning_module
+    if gm is None:
+        return str(graph)
+    return gm.print_readable(print_output=False, include_stride=True, include_device=True)
+
+
+class LynxPass(CustomGraphPass):
+    """Rewrites the forward graph in place; ``self.report`` holds the result of the last call."""
+
+    def __init__(self, config: LynxConfig, graph_index: int = 0, param_inputs: frozenset[int] | None = None):
+        self.config = config
+        self.param_inputs = param_inputs
+        self.graph_index = graph_index
+        self.report: GraphReport | None = None
+
+    def __call__(self, graph: fx.Graph) -> None:
+        config = self.config
+        before = readable(graph) if config.dump_dir else ""
+        records = []
+        # Classify each node only when reached: earlier rewrites replace nodes later GEMMs consume.
+        for node in list(graph.nodes):
+            site = as_gemm_site(node, self.param_inputs)
+            if site is None:
+                continue
+            decision = decide(site, config)
+            records.append(GemmRecord.from_decision(site, decision, config))
+            if decision.rewrite:
+                n, m = config.nm
+                rewrite_gemm(graph, site, n=n, m=m, norm_comp=config.norm_comp,
+                             min_tokens=config.min_tokens, kernel=decision.kernel)
+        graph.lint()
+        after = readable(graph) if config.dump_dir else ""
+        self.report = GraphReport(self.graph_index, records, config.summary(), before, after)
+
+    def uuid(self) -> str:
+        # dump_dir only changes where files go, and with it set the backend disables caches anyway.
+        key = {k: v for k, v in self.config.summary().items() if k != "dump_dir"}
+        key["param_inputs"] = sorted(self.param_inputs) if self.param_inputs is not None else None
+        return hashlib.sha256((repr(sorted(key.items())) + _source_digest()).encode()).hexdigest()
