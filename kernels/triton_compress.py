@@ -11,7 +11,7 @@ How the kernel works (one program per block of rows, one pass over X):
   last axis.
 * Ranking key: the fp32 bit pattern of ``|x|`` read as int32. For non-negative floats this
   integer order is the float order (subnormals and +Inf included); NaN is mapped to
-  ``0x7F800001``, one above +Inf, so NaN > Inf > finite and all NaNs tie, exactly as in the
+  ``0x7F800000``, one above +Inf, so NaN > Inf > finite and all NaNs tie, exactly as in the
   reference. ``-0.0`` and ``0.0`` share key 0.
 * Rank of element ``i`` = number of group members ``j`` that beat it (``key_j > key_i``, or equal
   keys and ``j < i``: ties keep the lower index). ``m <= 8``, so that is at most 8 compares per
@@ -20,18 +20,21 @@ How the kernel works (one program per block of rows, one pass over X):
   group (an exclusive cumsum), which stores kept positions in ascending order. Values are stored
   straight from the loaded tile, so NaN payloads and ``-0.0`` survive bit for bit.
 * Norm compensation in the same pass: the reference divides the row by its final max ``|x|``
-  before squaring (no fp16/fp32 overflow, no vanishing subnormals). Here the max is not known
+  before squaring (no fp16/fp32 overflow, no vanishing subnormals). Here that max is not known
   until the last K block, so the sums of squares are kept relative to the running max and
   rescaled by ``(old_max / new_max)**2`` when it grows (as online softmax does). The ratio
-  ``total / kept`` is unchanged by the common factor; rounding differs from the reference only
-  in the last fp32 bits.
+  ``total / kept`` does not depend on the common factor; it differs from the reference only in
+  the last fp32 bits.
 
-Arithmetic inside the kernel is fp32 (the interpreter keeps bf16 as raw bits).
-``TRITON_INTERPRET=1`` runs it on the CPU. The kernels are jitted lazily at the first launch,
-separately for interpreter and compiled mode, so the environment variable can be set after import.
+Arithmetic inside the kernel is fp32. bf16 is widened to fp32 by moving its bits (``<< 16``),
+which is exact on every backend; the interpreter, which keeps bf16 as raw uint16 bits, mangles
+subnormals in its own bf16 -> fp32 cast.
+
+On the CPU, ``TRITON_INTERPRET=1`` runs the kernel in Triton's interpreter. Triton reads that
+variable when it is imported (``torch._dynamo`` imports it), so it must be set before.
 
 Debugging aid: with ``LYNX_TRITON_POISON=1`` in the environment, the launchers fill their outputs
-with NaN (float) or 255 (uint8) before the kernel runs, so any element the kernel forgets to write
+with NaN (float) or 255 (uint8) before the kernel runs, so any element a kernel forgets to write
 shows up in the tests.
 """
 
@@ -53,54 +56,19 @@ POISON_ENV = "LYNX_TRITON_POISON"
 DEFAULT_BLOCK_ROWS = 16
 DEFAULT_BLOCK_K = 256
 
-_JITTED: dict = {}
-
-
-def triton_unavailable_reason(device_type: str) -> str:
-    """"" when a Triton kernel can run on ``device_type`` now, else why it cannot."""
-    if triton is None:
-        return "triton is not installed (pip install 'lynx-compile[triton]')"
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    if device_type == "cuda" or (device_type == "cpu" and interpret):
-        return ""
-    if device_type == "cpu":
-        return "device 'cpu' needs TRITON_INTERPRET=1 for the Triton interpreter"
-    return (f"device {device_type!r} is not supported by the Triton kernels "
-            "(use 'cuda', or 'cpu' with TRITON_INTERPRET=1)")
-
-
-def require_triton(device: torch.device) -> None:
-    reason = triton_unavailable_reason(device.type)
-    if reason:
-        raise RuntimeError(f"Triton kernel cannot run: {reason}")
-
-
-def jitted(fn):
-    """``triton.jit(fn)``, built on first use for the current interpreter/compiled mode.
-
-    ``triton.jit`` decides at decoration time whether a kernel is interpreted, so decorating at
-    import would freeze the mode that was active when lynx_compile was imported.
-    """
-    key = (fn, bool(triton.knobs.runtime.interpret))
-    if key not in _JITTED:
-        _JITTED[key] = triton.jit(fn)
-    return _JITTED[key]
-
-
-def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
-    """``torch.empty``, or a poisoned tensor (NaN / 255) when ``LYNX_TRITON_POISON=1``."""
-    if os.environ.get(POISON_ENV, "0") != "1":
-        return torch.empty(shape, dtype=dtype, device=device)
-    fill = float("nan") if dtype.is_floating_point else torch.iinfo(dtype).max
-    return torch.full(shape, fill, dtype=dtype, device=device)
-
-
-def _pow2_at_most(value: int, cap: int) -> int:
-    return max(1, min(cap, triton.next_power_of_2(max(1, value))))
-
 
 if tl is not None:
 
+    @triton.jit
+    def to_f32(x):
+        """Widen to fp32; bf16 by moving its bits (exact, unlike the interpreter's bf16 cast)."""
+        if x.dtype == tl.bfloat16:
+            y = (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+        else:
+            y = x.to(tl.float32)
+        return y
+
+    @triton.jit
     def _compress_kernel(
         x_ptr, perm_ptr, val_ptr, idx_ptr, scale_ptr,
         R, G, stride_xr, stride_xk,
@@ -121,16 +89,15 @@ if tl is not None:
 
         for g0 in range(0, G, BLOCK_G):
             g = g0 + g_in_block
-            k = g * M + j                                           # [1, BG, M] column in x[..., perm]
+            k = g * M + j                                           # [1, BG, M] column of x[..., perm]
             mask = row_ok & (g < G)
             if HAS_PERM:
                 col = tl.load(perm_ptr + k, mask=g < G, other=0).to(tl.int64)
             else:
                 col = k.to(tl.int64)
             x = tl.load(x_ptr + r3 * stride_xr + col * stride_xk, mask=mask, other=0.0)
-            mag = tl.abs(x.to(tl.float32))
-            is_nan = mag != mag
-            key = tl.where(is_nan, 0x7F800001, mag.to(tl.int32, bitcast=True))
+            mag = tl.abs(to_f32(x))
+            key = tl.where(mag != mag, 0x7F800000, mag.to(tl.int32, bitcast=True))
 
             rank = tl.zeros([BLOCK_R, BLOCK_G, M], dtype=tl.int32)
             for jj in tl.static_range(M):
@@ -166,6 +133,49 @@ if tl is not None:
         tl.store(scale_ptr + rows, scale, mask=rows < R)
 
 
+def _interpreted(fn) -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(fn, InterpretedFunction)
+
+
+def triton_unavailable_reason(device_type: str) -> str:
+    """"" when the Triton kernels can run on ``device_type`` now, else why they cannot."""
+    if triton is None:
+        return "triton is not installed (pip install 'lynx-compile[triton]')"
+    if device_type == "cuda":
+        return ""
+    if device_type != "cpu":
+        return (f"device {device_type!r} is not supported by the Triton kernels "
+                "(use 'cuda', or 'cpu' with TRITON_INTERPRET=1)")
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return "device 'cpu' needs TRITON_INTERPRET=1 for the Triton interpreter"
+    # triton.jit reads TRITON_INTERPRET when it decorates, triton's own tl.* helpers included.
+    if not (_interpreted(_compress_kernel) and _interpreted(tl.zeros)):
+        return ("TRITON_INTERPRET=1 was set after triton was imported; set it before importing "
+                "triton, torch._dynamo or lynx_compile")
+    return ""
+
+
+def require_triton(device: torch.device) -> None:
+    reason = triton_unavailable_reason(device.type)
+    if reason:
+        raise RuntimeError(f"Triton kernel cannot run: {reason}")
+
+
+def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """``torch.empty``, or a poisoned tensor (NaN / 255) when ``LYNX_TRITON_POISON=1``."""
+    if os.environ.get(POISON_ENV, "0") != "1":
+        return torch.empty(shape, dtype=dtype, device=device)
+    fill = float("nan") if dtype.is_floating_point else torch.iinfo(dtype).max
+    return torch.full(shape, fill, dtype=dtype, device=device)
+
+
+def pow2_block(size: int, cap: int, floor: int = 1) -> int:
+    """The power of two covering ``size``, clipped to ``[floor, cap]``."""
+    return max(floor, min(cap, triton.next_power_of_2(max(1, size))))
+
+
 def _check_perm(perm: torch.Tensor, x: torch.Tensor) -> None:
     k = x.shape[-1]
     if perm.dtype not in (torch.int64, torch.int32):
@@ -193,7 +203,8 @@ def compress(
 
     Returns values ``(..., K*n/m)`` in x's dtype, uint8 in-group indices (ascending in each
     group) and the fp32 per-row scale ``(...)``. ``block_rows`` / ``block_k`` set the tile (rows,
-    K columns); they are rounded to powers of two and capped by the problem size.
+    K columns); they are rounded to powers of two and capped by the problem size. x is read in
+    place when its leading dims fold into rows (any row stride, any column stride).
     """
     reference.check_pattern(n, m)
     reference.check_operand(x, m)
@@ -207,9 +218,9 @@ def compress(
     indices = new_output((rows, groups * n), torch.uint8, x.device)
     scale = new_output((rows,), torch.float32, x.device)
     if rows:
-        block_r = _pow2_at_most(rows, block_rows)
-        block_g = _pow2_at_most(groups, max(1, block_k // m))
-        jitted(_compress_kernel)[(triton.cdiv(rows, block_r),)](
+        block_r = pow2_block(rows, block_rows)
+        block_g = pow2_block(groups, max(1, block_k // m))
+        _compress_kernel[(triton.cdiv(rows, block_r),)](
             x2, perm if perm is not None else x2, values, indices, scale,
             rows, groups, x2.stride(0), x2.stride(1),
             N=n, M=m, HAS_PERM=perm is not None, NORM_COMP=bool(norm_comp),

@@ -8,9 +8,11 @@ kernel reads that compressed A, expands each ``[BLOCK_M, BLOCK_K]`` tile back to
 registers and multiplies it with ``tl.dot`` in fp32 (``input_precision="ieee"``: no TF32, so the
 fp32 path matches the reference to fp32 rounding). The epilogue applies the per-row scale, adds
 the low-rank term ``T @ lr_up`` with a second ``tl.dot`` (``T = x @ lr_down`` is the small
-``(M, R)`` fp32 matrix, computed beforehand with torch) and the bias, then rounds once. (The
-Triton interpreter casts fp32 to bf16 by truncation; under it the epilogue rounds to nearest even
-by hand, as the GPU conversion and torch do.)
+``(M, R)`` fp32 matrix, computed beforehand with torch) and the bias, then rounds once.
+
+Interpreter notes: bf16 operands are widened by their bits (``to_f32``), and since the Triton
+interpreter casts fp32 to bf16 by truncation, under it the epilogue rounds to nearest even by
+hand, as the GPU conversion and torch do.
 
 Triton has no sparse ``tl.dot``, so this kernel does dense-FLOP work on the expanded tile: it is
 the portable and testable path, not the fast one (that needs mma.sp / cuSPARSELt). It reads the
@@ -28,7 +30,8 @@ import math
 import torch
 
 from . import reference
-from .triton_compress import compress, jitted, new_output, require_triton, tl, triton, triton_unavailable_reason
+from .triton_compress import compress, new_output, pow2_block, require_triton, tl, triton, triton_unavailable_reason
+from .triton_compress import _interpreted
 
 DEFAULT_BLOCK_M = 64
 DEFAULT_BLOCK_N = 64
@@ -47,7 +50,9 @@ def unavailable_reason(device_type: str, dtype: torch.dtype, shape: tuple) -> st
 
 
 if tl is not None:
+    from .triton_compress import to_f32
 
+    @triton.jit
     def _sparse_mm_kernel(
         val_ptr, idx_ptr, scale_ptr, b_ptr, t_ptr, u_ptr, bias_ptr, out_ptr,
         M, N, K, RANK,
@@ -70,21 +75,21 @@ if tl is not None:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)              # dense columns; BLOCK_K % MS == 0
-            k_ok = k[None, :] < K
+            a_ok = m_ok & (k[None, :] < K)
             group = k // MS
             pos = (k % MS)[None, :]
             # Expand the compressed tile: column k takes the kept value of its group whose stored
-            # index equals k % MS, or 0. Each of the NS slots is gathered for every column of its
-            # group (a re-read that hits the cache), and `where` copies it without arithmetic.
-            a = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+            # index is k % MS, else 0. Each of the NS slots is gathered for every column of its
+            # group (re-reads that hit the cache), and `where` copies the value without arithmetic.
+            a = tl.zeros([BLOCK_M, BLOCK_K], dtype=val_ptr.dtype.element_ty)
             for slot in tl.static_range(NS):
                 ck = (group * NS + slot)[None, :]
-                v = tl.load(val_rows + ck * s_vk, mask=m_ok & k_ok, other=0.0)
-                i = tl.load(idx_rows + ck * s_ik, mask=m_ok & k_ok, other=0)
-                a = tl.where(i.to(tl.int32) == pos, v.to(tl.float32), a)
+                v = tl.load(val_rows + ck * s_vk, mask=a_ok, other=0.0)
+                i = tl.load(idx_rows + ck * s_ik, mask=a_ok, other=0)
+                a = tl.where(i.to(tl.int32) == pos, v, a)
             b = tl.load(b_ptr + batch * s_bb + k[:, None] * s_bk + rn[None, :] * s_bn,
                         mask=(k[:, None] < K) & n_ok, other=0.0)
-            acc = tl.dot(a, b.to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(to_f32(a), to_f32(b), acc, input_precision="ieee")
 
         scale = tl.load(scale_ptr + batch * s_sb + rm * s_sm, mask=rm < M, other=1.0)
         acc = acc * scale[:, None]
@@ -96,12 +101,12 @@ if tl is not None:
                             mask=m_ok & (r[None, :] < RANK), other=0.0)
                 u = tl.load(u_ptr + batch * s_ub + r[:, None] * s_ur + rn[None, :] * s_un,
                             mask=(r[:, None] < RANK) & n_ok, other=0.0)
-                lr = tl.dot(t.to(tl.float32), u.to(tl.float32), lr, input_precision="ieee")
+                lr = tl.dot(to_f32(t), to_f32(u), lr, input_precision="ieee")
             acc = acc + lr
         if HAS_BIAS:
             bias = tl.load(bias_ptr + batch * s_cb + rm[:, None] * s_cm + rn[None, :] * s_cn,
                            mask=m_ok & n_ok, other=0.0)
-            acc = acc + bias.to(tl.float32)
+            acc = acc + to_f32(bias)
         if BF16_RNE:  # the interpreter truncates fp32 -> bf16: round to nearest even by hand
             bits = acc.to(tl.uint32, bitcast=True)
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
@@ -178,13 +183,12 @@ def _gemm(values, indices, scale, other, bias, t, lr_up, *, n, m, out_dtype, blo
     out = new_output((nb, mr, n_out), out_dtype, values.device)
 
     if nb and mr and n_out:
-        bm = max(16, min(block_m, triton.next_power_of_2(mr)))
-        bn = max(16, min(block_n, triton.next_power_of_2(n_out)))
-        bk = max(16, min(block_k, triton.next_power_of_2(max(k, 1))))
-        br = max(16, min(64, triton.next_power_of_2(max(rank, 1))))
+        # tl.dot needs every block dim >= 16; BLOCK_K >= 16 is a multiple of m (2, 4 or 8).
+        bm, bn = pow2_block(mr, block_m, 16), pow2_block(n_out, block_n, 16)
+        bk, br = pow2_block(k, block_k, 16), pow2_block(rank, 64, 16)
         zeros3 = (0, 0, 0)
         grid = (triton.cdiv(mr, bm), triton.cdiv(n_out, bn), nb)
-        jitted(_sparse_mm_kernel)[grid](
+        _sparse_mm_kernel[grid](
             v3, i3, s2, b3,
             t3 if t3 is not None else out, u3 if u3 is not None else out, c3 if c3 is not None else out, out,
             mr, n_out, k, rank,
@@ -192,7 +196,7 @@ def _gemm(values, indices, scale, other, bias, t, lr_up, *, n, m, out_dtype, blo
             *(t3.stride() if t3 is not None else zeros3), *(u3.stride() if u3 is not None else zeros3),
             *(c3.stride() if c3 is not None else zeros3), *out.stride(),
             NS=n, MS=m, HAS_LR=t3 is not None, HAS_BIAS=c3 is not None,
-            BF16_RNE=out_dtype == torch.bfloat16 and bool(triton.knobs.runtime.interpret),
+            BF16_RNE=out_dtype == torch.bfloat16 and _interpreted(_sparse_mm_kernel),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br,
         )
     out = out.reshape(out_shape)
@@ -233,6 +237,9 @@ def sparse_matmul(
     reference.check_operand(other, 1, "other")
     if (lr_down is None) != (lr_up is None):
         raise ValueError("lr_down and lr_up must be given together (low-rank compensation)")
+    if lr_down is not None and (lr_down.dim() < 2 or lr_up.dim() < 2):
+        raise ValueError(f"lr_down (K, R) and lr_up (R, N) must be matrices, got {tuple(lr_down.shape)} "
+                         f"and {tuple(lr_up.shape)}")
     if x.dim() >= 2 and x.shape[-2] < min_tokens:
         y = torch.matmul(x, other)
         return (y + bias if bias is not None else y).contiguous()

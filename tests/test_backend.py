@@ -1,0 +1,178 @@
+"""The backend end to end through Dynamo and Inductor on the CPU."""
+
+import json
+import logging
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+
+import lynx_compile
+from lynx_compile.kernels import reference
+
+
+class Block(nn.Module):
+    """A DiT-like MLP block plus an attention-style product, with enough tokens to pass min_tokens."""
+
+    def __init__(self, dim=32):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.fc2 = nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        h = self.fc2(torch.nn.functional.gelu(self.fc1(self.norm(x))))
+        scores = torch.softmax(h @ x.transpose(-1, -2), dim=-1)
+        return x + scores @ h
+
+
+def _inputs(tokens=16):
+    torch.manual_seed(0)
+    return Block().eval(), torch.randn(2, tokens, 32)
+
+
+@torch.no_grad()
+def test_dense_pattern_reproduces_plain_inductor():
+    model, x = _inputs()
+    expected = torch.compile(model, backend="inductor")(x)
+    torch._dynamo.reset()
+    out = torch.compile(model, backend="rtlynx", options={"pattern": "dense"})(x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    (report,) = lynx_compile.reports()
+    assert len(report.records) == 4 and report.num_rewritten == 0
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("inner", ["inductor", "eager"])
+def test_sparse_compile_matches_reference_ops(inner):
+    model, x = _inputs()
+    out = torch.compile(model, backend="rtlynx", options={"min_tokens": 0, "inner": inner})(x)
+
+    def sparse(a, b, bias=None):
+        return reference.sparse_matmul(a, b, bias, n=2, m=4)
+
+    fc1 = sparse(model.norm(x).reshape(32, 32), model.fc1.weight.t(), model.fc1.bias)
+    h = sparse(torch.nn.functional.gelu(fc1), model.fc2.weight.t(), model.fc2.bias).reshape(2, 16, 32)
+    expected = x + sparse(torch.softmax(sparse(h, x.transpose(-1, -2)), dim=-1), h)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    (report,) = lynx_compile.reports()
+    assert [(r.name, r.op, r.kind, r.rewritten) for r in report.records] == [
+        ("fc1", "addmm", "linear", True), ("fc2", "addmm", "linear", True),
+        ("(root)", "bmm", "matmul", True), ("(root)", "bmm", "matmul", True)]
+
+
+@torch.no_grad()
+def test_default_min_tokens_keeps_small_gemms_dense():
+    model, x = _inputs()
+    torch.compile(model, backend="rtlynx")(x)
+    (report,) = lynx_compile.reports()
+    assert [r.reason for r in report.records] == ["M=32 tokens < min_tokens=512"] * 2 + ["M=16 tokens < min_tokens=512"] * 2
+
+
+@torch.no_grad()
+def test_include_exclude_filters_by_module_path():
+    model, x = _inputs()
+    torch.compile(model, backend="rtlynx", options={"min_tokens": 0, "include": r"^fc", "exclude": r"fc2$"})(x)
+    (report,) = lynx_compile.reports()
+    assert [(r.name, r.rewritten, r.reason) for r in report.records] == [
+        ("fc1", True, ""),
+        ("fc2", False, "module path matches exclude 'fc2$'"),
+        ("(root)", False, "module path not matched by include"),
+        ("(root)", False, "module path not matched by include")]
+
+
+@torch.no_grad()
+def test_dump_dir_writes_graphs_and_reports_for_every_graph(tmp_path):
+    tmp_path = tmp_path / "lynx_dump"
+    model, x = _inputs()
+
+    def two_graphs(x):
+        y = model(x)
+        torch._dynamo.graph_break()
+        return model(y)
+
+    out = torch.compile(two_graphs, backend="rtlynx", options={"min_tokens": 0, "dump_dir": str(tmp_path)})(x)
+    assert torch.isfinite(out).all()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["graph_000", "graph_001", "report.json", "report.txt"]
+    for graph_dir in ("graph_000", "graph_001"):
+        files = sorted(p.name for p in (tmp_path / graph_dir).iterdir())
+        assert files == ["graph_after.py", "graph_before.py", "report.json", "report.txt"]
+        after = (tmp_path / graph_dir / "graph_after.py").read_text()
+        assert after.count("torch.ops.rtlynx.sparse_matmul.default(") == 4
+        assert "torch.ops.aten.addmm" in (tmp_path / graph_dir / "graph_before.py").read_text()
+    combined = json.loads((tmp_path / "report.json").read_text())
+    assert len(combined["nodes"]) == 8 and len(combined["graphs"]) == 2
+    first = combined["nodes"][0]
+    assert first == {"name": "fc1", "node": "addmm", "op": "addmm", "kind": "linear", "shape": [32, 32, 128],
+                     "batch": 1, "dtype": "float32", "rewritten": True, "pattern": "2:4", "kernel": "reference",
+                     "norm_comp": True, "reason": "", "runtime_guard": False}
+    text = (tmp_path / "report.txt").read_text()
+    assert "rtlynx graph" in text and "fc1" in text and "reason" in text
+
+
+@torch.no_grad()
+def test_one_info_line_per_graph_without_dump_dir(caplog):
+    model, x = _inputs()
+    with caplog.at_level(logging.INFO, logger="lynx_compile"):
+        torch.compile(model, backend="rtlynx", options={"min_tokens": 0, "op_kinds": "linear"})(x)
+    lines = [r.getMessage() for r in caplog.records if r.name == "lynx_compile"]
+    assert len(lines) == 1
+    assert re.fullmatch(r"rtlynx graph \d+: 4 GEMMs, 2 rewritten to 2:4 sparse ops, 2 dense", lines[0])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("how", ["argument", "option"])
+def test_mode_is_passed_to_inductor_as_inductor_maps_it(monkeypatch, how):
+    from torch._inductor import compile_fx as compile_fx_module, list_mode_options
+
+    seen = {}
+
+    def spy(gm, example_inputs, **kwargs):
+        seen.update(kwargs["config_patches"])
+        return gm.forward
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", spy)
+    model, x = _inputs()
+    if how == "argument":
+        torch.compile(model, backend="rtlynx", mode="max-autotune")(x)
+    else:
+        torch.compile(model, backend="rtlynx", options={"mode": "max-autotune"})(x)
+    assert seen == dict(list_mode_options("max-autotune"))
+
+
+def test_backend_is_registered_on_import():
+    from torch._dynamo.backends.registry import lookup_backend
+
+    assert "rtlynx" in torch._dynamo.list_backends()
+    assert lookup_backend("rtlynx") is lynx_compile.rtlynx
+
+
+def test_entry_point_finds_backend_without_import():
+    script = textwrap.dedent("""
+        import sys, torch
+        assert "lynx_compile" not in sys.modules
+        layer = torch.nn.Linear(16, 8)
+        with torch.no_grad():
+            torch.compile(layer, backend="rtlynx", options={"min_tokens": 0, "inner": "eager"})(torch.randn(4, 16))
+        print(sys.modules["lynx_compile"].reports()[-1].summary_line())
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("1 GEMMs, 1 rewritten to 2:4 sparse ops, 0 dense")
+
+
+def test_training_forward_is_sparse_and_backward_is_dense_straight_through():
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 8)
+    x = torch.randn(6, 16, requires_grad=True)
+    out = torch.compile(layer, backend="rtlynx", options={"min_tokens": 0})(x)
+    expected = reference.sparse_matmul(x.detach(), layer.weight.detach().t(), layer.bias.detach(), n=2, m=4)
+    torch.testing.assert_close(out.detach(), expected, rtol=1e-6, atol=1e-6)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    torch.testing.assert_close(x.grad, grad @ layer.weight.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layer.weight.grad, grad.t() @ x.detach(), rtol=1e-6, atol=1e-6)

@@ -1,0 +1,281 @@
+"""Triton compress and sparse GEMM kernels against kernels/reference.py, on the Triton interpreter.
+
+Triton fixes interpreter mode when it is first imported, so TRITON_INTERPRET=1 is set here before
+any import. When something imported triton earlier in this process (tests/conftest.py imports
+lynx_compile, which imports torch._dynamo, which imports triton), the tests rerun themselves in a
+child pytest process that has TRITON_INTERPRET=1 from the start.
+
+The launchers are asked to poison their outputs (NaN / 255, LYNX_TRITON_POISON=1) so that an
+element a kernel forgets to write cannot pass as correct.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton", reason="triton is not installed (optional dependency: pip install '.[triton]')")
+
+from lynx_compile.kernels import reference  # noqa: E402
+from lynx_compile.kernels import triton_compress as tc  # noqa: E402
+from lynx_compile.kernels import triton_sparse_mm as tsm  # noqa: E402
+
+INTERPRETER_MISSING = tc.triton_unavailable_reason("cpu")  # "" when the kernels run in this process
+
+PATTERNS = [(2, 4), (1, 2), (4, 8)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+# A NaN with a payload (and the sign bit set), so a kept NaN is told apart from the poison NaN.
+NAN_BITS = {torch.float32: -0x3FFFFF, torch.float16: -0x1FF, torch.bfloat16: -0x3F}
+HUGE = {torch.float32: 1e30, torch.float16: 3e4, torch.bfloat16: 1e30}     # squares overflow
+TINY = {torch.float32: 1e-40, torch.float16: 1e-7, torch.bfloat16: 1e-40}  # subnormal
+# (rtol, atol as a fraction of the largest reference output) for the GEMM outputs.
+GEMM_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (2**-7, 1e-3)}
+
+
+def _id(value):
+    if isinstance(value, tuple) and len(value) == 2:
+        return f"{value[0]}:{value[1]}"
+    return str(value).removeprefix("torch.")
+
+
+@pytest.fixture(autouse=True)
+def _setup(request, monkeypatch):
+    if INTERPRETER_MISSING and request.node.name != "test_in_child_process":
+        pytest.skip(f"runs in a child process (test_in_child_process): {INTERPRETER_MISSING}")
+    monkeypatch.setenv(tc.POISON_ENV, "1")
+    torch.manual_seed(0)
+
+
+@pytest.mark.skipif(not INTERPRETER_MISSING, reason="the Triton interpreter works in this process")
+def test_in_child_process():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    print(proc.stdout[-2000:])
+    assert proc.returncode == 0, f"child pytest failed:\n{proc.stdout[-10000:]}\n{proc.stderr[-3000:]}"
+    # Only this test itself may be skipped in the child.
+    assert re.search(r"\b\d+ passed, 1 skipped in ", proc.stdout), proc.stdout[-3000:]
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(INT_VIEW[t.dtype])
+
+
+def special_rows(rows: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """Random rows plus rows that hit every rule: zeros, NaN, +-Inf, overflow, subnormals, ties."""
+    x = (torch.randn(rows, k) * 3).to(dtype)
+    x[0] = 0                                        # all-zero row: scale 1
+    bits(x)[1, ::7] = NAN_BITS[dtype]               # NaN beats everything, keeps its payload
+    x[2, 3], x[2, 10], x[2, 11] = float("inf"), float("-inf"), float("inf")
+    bits(x)[2, 9] = NAN_BITS[dtype]                 # NaN and Inf in one group
+    x[3] = (torch.randn(k) * HUGE[dtype]).to(dtype)
+    x[4] = (torch.randint(1, 4, (k,)) * TINY[dtype]).to(dtype)
+    x[5, :8], x[5, 8:16] = 1.0, -1.0                # whole groups of equal magnitude
+    x[6, :8] = torch.tensor([-0.0, 0.0, -0.0, 1.0, 0.0, -0.0, 0.0, 0.0])
+    return x
+
+
+def check_compress(x, n, m, got, *, perm=None, norm_comp=True):
+    """Indices exact, values bit-exact, scale within rtol 1e-6 of reference.compress(x[..., perm]).
+
+    Values are compared as bits with x's own bits at the reference's kept positions, and as
+    numbers with the reference values. (torch's CPU gather on bf16, used by the reference, turns
+    NaN payloads into 0xFFFF; the kernel copies x's bits, payload included.)
+    """
+    values, indices, scale = got
+    want = reference.compress(x if perm is None else x[..., perm], n, m, norm_comp)
+    assert values.dtype == x.dtype and indices.dtype == torch.uint8 and scale.dtype == torch.float32
+    assert values.shape == want[0].shape and indices.shape == want[1].shape and scale.shape == want[2].shape
+    assert torch.equal(indices, want[1]), "indices differ from the reference"
+    x_bits = bits(x) if perm is None else bits(x)[..., perm]
+    k = x.shape[-1]
+    kept_bits = x_bits.reshape(*x.shape[:-1], k // m, m).gather(-1, want[1].reshape(*x.shape[:-1], k // m, n).long())
+    assert torch.equal(bits(values), kept_bits.reshape(values.shape)), "kept values are not x's bits"
+    torch.testing.assert_close(values, want[0], rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(scale, want[2], rtol=1e-6, atol=0)
+
+
+def assert_gemm_close(got: torch.Tensor, want: torch.Tensor):
+    assert got.dtype == want.dtype and got.shape == want.shape and got.is_contiguous()
+    assert not got.isnan().any(), "NaN in the output: an element was not written (or not computed)"
+    rtol, atol = GEMM_TOL[want.dtype]
+    torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=atol * want.float().abs().max().item())
+
+
+# ----------------------------------------------------------------------------------- compress
+
+COMPRESS_CASES = {
+    # name: (x builder(dtype), launcher kwargs)
+    "randn": (lambda dt: torch.randn(70, 200).to(dt), {}),
+    "3d": (lambda dt: torch.randn(3, 5, 40).to(dt), {}),
+    # 37 rows over row blocks of 8, K=200 over K blocks of 64: ragged in both, running max rescaled
+    "multiblock": (lambda dt: (torch.randn(37, 200) * torch.logspace(-3, 3, 200)).to(dt),
+                   dict(block_rows=8, block_k=64)),
+    "ties": (lambda dt: torch.randint(-2, 3, (33, 96)).to(dt), dict(block_k=32)),
+    "special": (lambda dt: special_rows(9, 48, dt), dict(block_k=16)),
+}
+
+
+@pytest.mark.parametrize("case", list(COMPRESS_CASES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("pattern", PATTERNS, ids=_id)
+def test_compress_matches_reference(pattern, dtype, case):
+    build, kwargs = COMPRESS_CASES[case]
+    x = build(dtype)
+    check_compress(x, *pattern, tc.compress(x, *pattern, **kwargs))
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=_id)
+def test_compress_perm(pattern):
+    x = special_rows(12, 64, torch.bfloat16).reshape(3, 4, 64)
+    perm = torch.randperm(64)
+    check_compress(x, *pattern, tc.compress(x, *pattern, perm=perm, block_k=32), perm=perm)
+    check_compress(x, *pattern, tc.compress(x, *pattern, perm=perm.int()), perm=perm)
+
+
+def test_compress_strided_input_and_no_norm_comp():
+    x = torch.randn(40, 50)[:, 2:42]  # row stride 50: read in place
+    got = tc.compress(x, 2, 4, norm_comp=False)
+    check_compress(x, 2, 4, got, norm_comp=False)
+    assert torch.equal(got[2], torch.ones(40))
+
+
+def test_compress_validation():
+    x = torch.randn(4, 16)
+    with pytest.raises(ValueError, match="unsupported N:M pattern 3:4"):
+        tc.compress(x, 3, 4)
+    with pytest.raises(TypeError, match="unsupported dtype"):
+        tc.compress(x.double(), 2, 4)
+    with pytest.raises(ValueError, match="not divisible by M=8"):
+        tc.compress(torch.randn(4, 12), 4, 8)
+    with pytest.raises(ValueError, match=r"perm must have shape \(16,\)"):
+        tc.compress(x, 2, 4, perm=torch.arange(8))
+    with pytest.raises(ValueError, match=r"perm values must lie in \[0, 16\)"):
+        tc.compress(x, 2, 4, perm=torch.arange(16) + 1)
+    with pytest.raises(TypeError, match="perm must be an int64"):
+        tc.compress(x, 2, 4, perm=torch.arange(16).float())
+
+
+def test_poisoning_is_on_and_caught():
+    """The launchers poison their outputs here, and check_compress rejects an unwritten element."""
+    assert tc.new_output((3,), torch.float32, "cpu").isnan().all()
+    assert (tc.new_output((3,), torch.uint8, "cpu") == 255).all()
+    x = torch.randn(8, 16)
+    values, indices, scale = reference.compress(x, 2, 4)
+    for poisoned in (values.clone().index_fill_(1, torch.tensor([5]), float("nan")),
+                     values.clone().index_fill_(0, torch.tensor([7]), float("nan"))):
+        with pytest.raises(AssertionError):
+            check_compress(x, 2, 4, (poisoned, indices, scale))
+    with pytest.raises(AssertionError):
+        check_compress(x, 2, 4, (values, indices.clone().fill_(255), scale))
+
+
+# ---------------------------------------------------------------------------------------- GEMM
+
+def _linear_case(dt, bias=True, lowrank=True, m_rows=70, k=200, n=48):
+    x = torch.randn(m_rows, k).to(dt)
+    weight = (torch.randn(n, k) / k**0.5).to(dt)
+    args = [x, weight.t(), torch.randn(n).to(dt) if bias else None]   # other is a transposed view
+    if lowrank:
+        args += [(torch.randn(k, 24) / k**0.5).to(dt), (torch.randn(n, 24) / 5).to(dt).t()]
+    return args, {}
+
+
+GEMM_CASES = {
+    "linear_bias_lowrank": lambda dt: _linear_case(dt),
+    "linear_plain": lambda dt: _linear_case(dt, bias=False, lowrank=False),
+    # 3 x 3 output tiles, K=96 over blocks of 32: every program reads several K blocks
+    "small_blocks": lambda dt: (_linear_case(dt, m_rows=40, k=96, n=40)[0], dict(block_m=16, block_n=16, block_k=32)),
+    "3d_x_2d_other": lambda dt: ([torch.randn(2, 5, 64).to(dt), torch.randn(64, 40).to(dt) / 8,
+                                  torch.randn(40).to(dt)], {}),
+    "batched": lambda dt: ([torch.randn(2, 33, 64).to(dt), torch.randn(2, 40, 64).to(dt).transpose(1, 2) / 8,
+                            torch.randn(40).to(dt), torch.randn(64, 16).to(dt) / 8, torch.randn(16, 40).to(dt) / 4],
+                           {}),
+    "vector_x": lambda dt: ([torch.randn(64).to(dt), torch.randn(64, 24).to(dt) / 8, torch.randn(24).to(dt)], {}),
+}
+
+
+@pytest.mark.parametrize("case", list(GEMM_CASES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("pattern", PATTERNS, ids=_id)
+def test_sparse_matmul_matches_reference(pattern, dtype, case):
+    args, blocks = GEMM_CASES[case](dtype)
+    n, m = pattern
+    got = tsm.sparse_matmul(*args, n=n, m=m, **blocks)
+    assert_gemm_close(got, reference.sparse_matmul(*args, n=n, m=m))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+def test_sparse_mm_matches_reference(dtype):
+    x = torch.randn(2, 35, 96).to(dtype)
+    other = (torch.randn(40, 96) / 10).to(dtype).t()
+    bias = torch.randn(40).to(dtype)
+    values, indices, scale = reference.compress(x, 2, 4)
+    got = tsm.sparse_mm(values, indices, scale, other, bias, n=2, m=4)
+    assert_gemm_close(got, reference.sparse_mm(values, indices, scale, other, bias, n=2, m=4))
+
+
+def test_sparse_matmul_without_norm_comp_and_nonfinite():
+    x = torch.randn(20, 64)
+    x[3, 5], x[7, 9] = float("nan"), float("inf")
+    other = torch.randn(64, 16)
+    got = tsm.sparse_matmul(x, other, n=2, m=4, norm_comp=False)
+    want = reference.sparse_matmul(x, other, n=2, m=4, norm_comp=False)
+    assert got[3].isnan().all() and got[7].isinf().any()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want[torch.isfinite(want)].abs().max().item(),
+                               equal_nan=True)
+
+
+def test_min_tokens_takes_the_dense_path():
+    x, other, bias = torch.randn(10, 32), torch.randn(32, 8), torch.randn(8)
+    got = tsm.sparse_matmul(x, other, bias, n=2, m=4, min_tokens=11)
+    assert torch.equal(got, reference.sparse_matmul(x, other, bias, n=2, m=4, min_tokens=11))
+    assert torch.equal(got, x @ other + bias)
+
+
+def test_sparse_matmul_validation():
+    x, other = torch.randn(8, 32), torch.randn(32, 8)
+    with pytest.raises(ValueError, match="must be given together"):
+        tsm.sparse_matmul(x, other, None, torch.randn(32, 4), n=2, m=4)
+    with pytest.raises(ValueError, match="reduction dims differ"):
+        tsm.sparse_matmul(x, torch.randn(16, 8), n=2, m=4)
+    with pytest.raises(ValueError, match="unsupported N:M pattern"):
+        tsm.sparse_matmul(x, other, n=2, m=8)
+    values, indices, scale = reference.compress(x, 2, 4)
+    with pytest.raises(TypeError, match="indices must be uint8"):
+        tsm.sparse_mm(values, indices.long(), scale, other, n=2, m=4)
+    with pytest.raises(ValueError, match="scale must have shape"):
+        tsm.sparse_mm(values, indices, scale[:4], other, n=2, m=4)
+    with pytest.raises(ValueError, match="bias of shape"):
+        tsm.sparse_mm(values, indices, scale, other, torch.randn(5), n=2, m=4)
+
+
+# -------------------------------------------------------------------------------- availability
+
+def test_unavailable_reason(monkeypatch):
+    assert tsm.unavailable_reason("cpu", torch.bfloat16, (64, 128, 32)) == ""
+    assert tsm.unavailable_reason("cuda", torch.float16, (64, 128, 32)) == ""
+    assert "float64" in tsm.unavailable_reason("cuda", torch.float64, (64, 128, 32))
+    assert "'mps'" in tsm.unavailable_reason("mps", torch.float16, (64, 128, 32))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "TRITON_INTERPRET=1" in tsm.unavailable_reason("cpu", torch.float32, (64, 128, 32))
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        tsm.sparse_matmul(torch.randn(8, 16), torch.randn(16, 8), n=2, m=4)
+
+
+def test_import_without_triton():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch\n"
+        "from lynx_compile.kernels import triton_sparse_mm as t\n"
+        "print(t.unavailable_reason('cuda', torch.float16, (1, 4, 1)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "triton is not installed" in out.stdout
