@@ -19,13 +19,6 @@ def _batch_shape(x: Tensor, other: Tensor):
     return torch.broadcast_shapes(x.shape[:-2], other.shape[:-2])
 
 
-def _check_matmul_shapes(x: Tensor, other: Tensor, k: int) -> None:
-    if x.dim() < 2 or other.dim() < 2:
-        raise ValueError(f"expected x and other with at least 2 dims, got {x.dim()} and {other.dim()}")
-    if k != other.shape[-2]:
-        raise ValueError(f"reduction dims differ: x has K={k}, other has K={other.shape[-2]}")
-
-
 @torch.library.custom_op("rtlynx::compress", mutates_args=())
 def compress(x: Tensor, n: int, m: int, norm_comp: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """N:M-compress x along its last dim: (values, uint8 in-group indices, fp32 per-row scale)."""
@@ -49,14 +42,16 @@ def sparse_mm(
     values: Tensor, indices: Tensor, scale: Tensor, other: Tensor, bias: Optional[Tensor], n: int, m: int
 ) -> Tensor:
     """``scale * (S(x) @ other) + bias`` from the output of ``rtlynx::compress``."""
-    _check_matmul_shapes(values, other, values.shape[-1] // n * m)
     return reference.sparse_mm(values, indices, scale, other, bias, n=n, m=m).contiguous()
 
 
 @sparse_mm.register_fake
 def _sparse_mm_fake(values, indices, scale, other, bias, n, m):
     reference.check_pattern(n, m)
-    _check_matmul_shapes(values, other, values.shape[-1] // n * m)
+    reference.check_operand(values, 1, "values")
+    reference.check_operand(other, 1, "other")
+    reference.check_same_dtype(values, other=other, bias=bias)
+    reference.check_reduction_dims(values, other, values.shape[-1] // n * m)
     return values.new_empty(*_batch_shape(values, other), values.shape[-2], other.shape[-1])
 
 
@@ -79,7 +74,6 @@ def sparse_matmul(
     ``other`` is in matmul layout, (K, N) or (B, K, N): ``weight.t()`` for a linear layer.
     ``impl`` names the kernel (see ``registry``); the passes resolve "auto" before inserting the op.
     """
-    _check_matmul_shapes(x, other, x.shape[-1])
     run = get_kernel(impl).run
     return run(x, other, bias, lr_down, lr_up, n=n, m=m, norm_comp=norm_comp, min_tokens=min_tokens)
 
@@ -89,6 +83,8 @@ def _sparse_matmul_fake(x, other, bias=None, lr_down=None, lr_up=None, *, n=2, m
                         min_tokens=0, impl="reference"):
     reference.check_pattern(n, m)
     reference.check_operand(x, m)
+    reference.check_operand(other, 1, "other")
+    reference.check_same_dtype(x, other=other, bias=bias)
+    reference.check_reduction_dims(x, other, x.shape[-1])
     get_kernel(impl)
-    _check_matmul_shapes(x, other, x.shape[-1])
     return x.new_empty(*_batch_shape(x, other), x.shape[-2], other.shape[-1])

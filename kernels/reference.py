@@ -38,6 +38,30 @@ def check_operand(x: torch.Tensor, m: int, what: str = "x") -> None:
         raise ValueError(f"{what}: reduction dim K={x.shape[-1]} is not divisible by M={m}")
 
 
+_SAME_WIDTH_INT = {2: torch.int16, 4: torch.int32}
+
+
+def _gather_bits(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``gather`` on the raw bits: CPU gather canonicalises bf16 NaNs, losing payload and sign."""
+    as_int = _SAME_WIDTH_INT[x.element_size()]
+    return x.view(as_int).gather(-1, index).view(x.dtype)
+
+
+def check_same_dtype(x: torch.Tensor, **others: torch.Tensor | None) -> None:
+    """One dtype for every GEMM operand, as addmm requires; no silent promotion."""
+    for name, t in others.items():
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; rtlynx ops need one dtype for "
+                            f"x, other and bias")
+
+
+def check_reduction_dims(x: torch.Tensor, other: torch.Tensor, k: int) -> None:
+    if x.dim() < 2 or other.dim() < 2:
+        raise ValueError(f"expected x and other with at least 2 dims, got {x.dim()} and {other.dim()}")
+    if k != other.shape[-2]:
+        raise ValueError(f"reduction dims differ: x has K={k}, other has K={other.shape[-2]}")
+
+
 def nm_select(x: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-n-of-m by magnitude along the last dim -> (values, uint8 in-group indices)."""
     check_pattern(n, m)
@@ -53,7 +77,7 @@ def nm_select(x: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tens
     by_class = torch.sort(klass.gather(-1, order), dim=-1, descending=True, stable=True).indices
     order = order.gather(-1, by_class)
     kept = order[..., :n].sort(dim=-1).values
-    values = groups.gather(-1, kept)
+    values = _gather_bits(groups, kept)
     out_shape = (*x.shape[:-1], k // m * n)
     return values.reshape(out_shape).contiguous(), kept.to(torch.uint8).reshape(out_shape).contiguous()
 
@@ -98,6 +122,11 @@ def decompress(values: torch.Tensor, indices: torch.Tensor, n: int, m: int) -> t
 
 def sparse_mm(values, indices, scale, other, bias=None, *, n: int, m: int) -> torch.Tensor:
     """``scale * (S(x) @ other) + bias`` with torch.matmul broadcasting; fp32 accumulate."""
+    check_pattern(n, m)
+    check_operand(values, 1, "values")
+    check_operand(other, 1, "other")
+    check_same_dtype(values, other=other, bias=bias)
+    check_reduction_dims(values, other, values.shape[-1] // n * m)
     xs = decompress(values, indices, n, m)
     y = torch.matmul(xs.float(), other.float()) * scale.unsqueeze(-1)
     if bias is not None:
@@ -126,6 +155,8 @@ def sparse_matmul(
     check_pattern(n, m)
     check_operand(x, m)
     check_operand(other, 1, "other")
+    check_same_dtype(x, other=other, bias=bias)
+    check_reduction_dims(x, other, x.shape[-1])
     if (lr_down is None) != (lr_up is None):
         raise ValueError("lr_down and lr_up must be given together (low-rank compensation)")
     if x.dim() >= 2 and x.shape[-2] < min_tokens:
