@@ -1,0 +1,55 @@
+"""``lynx-compile`` / ``python -m lynx_compile``: inspect options and dumps from the shell."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from tabulate import tabulate
+
+from . import config as config_module
+from .config import LynxConfig
+
+_CHOICES = {
+    "pattern": config_module.PATTERNS, "op_kinds": config_module.OP_KINDS, "kernel": config_module.KERNELS,
+    "inner": config_module.INNER_COMPILERS, "mode": config_module.MODES,
+}
+
+
+def _options_table() -> str:
+    rows = [[f.name, repr(f.default), ", ".join(map(repr, _CHOICES.get(f.name, ()))) or "-"]
+            for f in dataclasses.fields(LynxConfig)]
+    return tabulate(rows, headers=["option", "default", "choices"])
+
+
+def _report_table(dump_dir: Path) -> str:
+    path = dump_dir / "report.json" if dump_dir.is_dir() else dump_dir
+    if not path.is_file():
+        raise SystemExit(f"lynx-compile: no report.json at {path}")
+    nodes = json.loads(path.read_text())["nodes"]
+    rows = [[n["name"], n["op"], "x".join(map(str, n["shape"])), n["dtype"], "yes" if n["rewritten"] else "no",
+             n["pattern"], n["kernel"], n["reason"]] for n in nodes]
+    rewritten = sum(n["rewritten"] for n in nodes)
+    return (f"{len(nodes)} GEMMs, {rewritten} rewritten, {len(nodes) - rewritten} dense\n"
+            + tabulate(rows, headers=["layer", "op", "MxKxN", "dtype", "rewritten", "pattern", "kernel", "reason"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lynx-compile", description="Inspect the rtlynx backend.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("options", help="list every backend option with its default and choices")
+    show = sub.add_parser("show", help="print the per-GEMM table of a dump_dir (or a report.json)")
+    show.add_argument("path", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "options":
+        print(_options_table())
+    else:
+        print(_report_table(args.path))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
