@@ -176,3 +176,17 @@ def test_training_forward_is_sparse_and_backward_is_dense_straight_through():
     out.backward(grad)
     torch.testing.assert_close(x.grad, grad @ layer.weight.detach(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(layer.weight.grad, grad.t() @ x.detach(), rtol=1e-6, atol=1e-6)
+
+
+@torch.no_grad()
+def test_symbolic_tokens_get_a_runtime_guard_and_small_m_runs_dense():
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 8)
+    compiled = torch.compile(layer, backend="rtlynx", dynamic=True, options={"min_tokens": 10})
+    small, large = torch.randn(4, 16), torch.randn(12, 16)
+    torch.testing.assert_close(compiled(small), torch.addmm(layer.bias, small, layer.weight.t()))
+    expected = reference.sparse_matmul(large, layer.weight.t(), layer.bias, n=2, m=4)
+    torch.testing.assert_close(compiled(large), expected, rtol=1e-6, atol=1e-6)
+    (report,) = lynx_compile.reports()  # one graph serves both sizes
+    (record,) = report.records
+    assert record.rewritten and record.runtime_guard and isinstance(record.shape[0], str)
