@@ -1,7 +1,8 @@
-"""Named implementations of the fused sparse matmul; the passes pick one per node.
+"""Named implementations of the fused sparse matmul; the policy picks one per GEMM node.
 
-A kernel is registered with a function that does the work and a function that says whether it
-can run for given tensors (returning the reason when it cannot). ``"reference"`` runs anywhere.
+Each kernel says whether it can run a given problem (and why not), and on which devices
+``kernel="auto"`` may choose it. The Triton interpreter on the CPU is a testing tool, not a fast
+path, so ``auto`` never picks Triton there; ``kernel="triton"`` still forces it.
 """
 
 from __future__ import annotations
@@ -11,15 +12,28 @@ from typing import Callable
 
 import torch
 
-from . import reference
+from . import cusparselt, reference, triton_sparse_mm
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What a kernel needs to know to say whether it can run one GEMM."""
+
+    device_type: str
+    dtype: torch.dtype
+    m: object      # tokens per GEMM (int, or a SymInt / str when dynamic)
+    k: int
+    n: object
+    batch: object  # 1 for a 2-D GEMM
+    pattern: tuple[int, int]
 
 
 @dataclass(frozen=True)
 class Kernel:
     name: str
     run: Callable[..., torch.Tensor]
-    # (device type, dtype, (M, K, N)) -> "" when runnable, else the reason it is not.
-    unavailable_reason: Callable[[str, torch.dtype, tuple], str]
+    unavailable_reason: Callable[[Problem], str]  # "" when it can run the problem
+    auto_devices: tuple[str, ...]                 # where kernel="auto" may choose it, in preference order
 
 
 _KERNELS: dict[str, Kernel] = {}
@@ -42,4 +56,15 @@ def get_kernel(name: str) -> Kernel:
         raise ValueError(f"unknown kernel {name!r}; registered kernels: {', '.join(_KERNELS)}") from None
 
 
-register_kernel(Kernel("reference", reference.sparse_matmul, lambda device, dtype, shape: ""))
+def auto_candidates(device_type: str) -> list[Kernel]:
+    return [k for k in _KERNELS.values() if device_type in k.auto_devices]
+
+
+def _triton_reason(problem: Problem) -> str:
+    return triton_sparse_mm.unavailable_reason(problem.device_type, problem.dtype, (problem.m, problem.k, problem.n))
+
+
+# Registration order is the order "auto" tries them.
+register_kernel(Kernel("cusparselt", cusparselt.sparse_matmul, cusparselt.unavailable_reason, ("cuda",)))
+register_kernel(Kernel("triton", triton_sparse_mm.sparse_matmul, _triton_reason, ("cuda",)))
+register_kernel(Kernel("reference", reference.sparse_matmul, lambda problem: "", ("cpu", "cuda")))

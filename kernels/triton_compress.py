@@ -11,7 +11,7 @@ How the kernel works (one program per block of rows, one pass over X):
   last axis.
 * Ranking key: the fp32 bit pattern of ``|x|`` read as int32. For non-negative floats this
   integer order is the float order (subnormals and +Inf included); NaN is mapped to
-  ``0x7F800000``, one above +Inf, so NaN > Inf > finite and all NaNs tie, exactly as in the
+  ``0x7F800001``, one above +Inf, so NaN > Inf > finite and all NaNs tie, exactly as in the
   reference. ``-0.0`` and ``0.0`` share key 0.
 * Rank of element ``i`` = number of group members ``j`` that beat it (``key_j > key_i``, or equal
   keys and ``j < i``: ties keep the lower index). ``m <= 8``, so that is at most 8 compares per
@@ -40,6 +40,7 @@ shows up in the tests.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -97,7 +98,7 @@ if tl is not None:
                 col = k.to(tl.int64)
             x = tl.load(x_ptr + r3 * stride_xr + col * stride_xk, mask=mask, other=0.0)
             mag = tl.abs(to_f32(x))
-            key = tl.where(mag != mag, 0x7F800000, mag.to(tl.int32, bitcast=True))
+            key = tl.where(mag != mag, 0x7F800001, mag.to(tl.int32, bitcast=True))
 
             rank = tl.zeros([BLOCK_R, BLOCK_G, M], dtype=tl.int32)
             for jj in tl.static_range(M):
@@ -113,7 +114,7 @@ if tl is not None:
             tl.store(idx_ptr + out, (j + tl.zeros_like(slot)).to(tl.uint8), mask=store)
 
             if NORM_COMP:
-                finite = mag < float("inf")                         # False for NaN and Inf
+                finite = mag <= 3.4028234663852886e38               # FLT_MAX: False for NaN and Inf
                 bad = tl.maximum(bad, tl.max(tl.max((~finite & mask).to(tl.int32), axis=2), axis=1))
                 mag = tl.where(finite, mag, 0.0)
                 new_max = tl.maximum(amax, tl.max(tl.max(mag, axis=2), axis=1))
@@ -133,7 +134,8 @@ if tl is not None:
         tl.store(scale_ptr + rows, scale, mask=rows < R)
 
 
-def _interpreted(fn) -> bool:
+def is_interpreted(fn) -> bool:
+    """Whether ``fn`` was decorated while TRITON_INTERPRET=1, i.e. runs in the interpreter."""
     from triton.runtime.interpreter import InterpretedFunction
 
     return isinstance(fn, InterpretedFunction)
@@ -151,7 +153,7 @@ def triton_unavailable_reason(device_type: str) -> str:
     if os.environ.get("TRITON_INTERPRET", "0") != "1":
         return "device 'cpu' needs TRITON_INTERPRET=1 for the Triton interpreter"
     # triton.jit reads TRITON_INTERPRET when it decorates, triton's own tl.* helpers included.
-    if not (_interpreted(_compress_kernel) and _interpreted(tl.zeros)):
+    if not (is_interpreted(_compress_kernel) and is_interpreted(tl.zeros)):
         return ("TRITON_INTERPRET=1 was set after triton was imported; set it before importing "
                 "triton, torch._dynamo or lynx_compile")
     return ""
@@ -212,7 +214,7 @@ def compress(
         _check_perm(perm, x)
     require_triton(x.device)
     lead, k = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, k)
+    x2 = x.reshape(math.prod(lead), k)
     rows, groups = x2.shape[0], k // m
     values = new_output((rows, groups * n), x.dtype, x.device)
     indices = new_output((rows, groups * n), torch.uint8, x.device)

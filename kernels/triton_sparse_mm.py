@@ -20,7 +20,8 @@ compressed operand, i.e. ``n/m`` of A's values plus one byte per value of metada
 
 ``other`` may have any strides (``weight.t()`` is the usual, transposed, case) and may be batched
 (B, K, N) with x (B, M, K); batch dims broadcast as in ``torch.matmul``. With a 2-D ``other``,
-all leading dims of x are folded into the rows of one GEMM.
+all leading dims of x are folded into the rows of one GEMM. x, other and bias share one dtype, as
+in the reference; lr_down / lr_up may have any supported float dtype (they are used in fp32).
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ import math
 import torch
 
 from . import reference
-from .triton_compress import compress, new_output, pow2_block, require_triton, tl, triton, triton_unavailable_reason
-from .triton_compress import _interpreted
+from .triton_compress import (
+    compress, is_interpreted, new_output, pow2_block, require_triton, tl, triton, triton_unavailable_reason,
+)
 
 DEFAULT_BLOCK_M = 64
 DEFAULT_BLOCK_N = 64
@@ -39,7 +41,10 @@ DEFAULT_BLOCK_K = 64
 
 
 def unavailable_reason(device_type: str, dtype: torch.dtype, shape: tuple) -> str:
-    """"" when this kernel can run for (device type, dtype, (M, K, N)), else the reason."""
+    """"" when this kernel can run for (device type, dtype, (M, K, N)), else the reason.
+
+    The shape never rules it out: any M, N and any K divisible by the pattern's M work.
+    """
     reason = triton_unavailable_reason(device_type)
     if reason:
         return reason
@@ -128,32 +133,32 @@ def _flat(t: torch.Tensor, batch: tuple, tail: tuple, what: str) -> torch.Tensor
 
     Broadcast dims get stride 0, so this is a view (no copy) in the usual cases.
     """
-    return _expand(t, (*batch, *tail), what).reshape(-1, *tail)
+    return _expand(t, (*batch, *tail), what).reshape(math.prod(batch), *tail)
 
 
-def _gemm(values, indices, scale, other, bias, t, lr_up, *, n, m, out_dtype, block_m, block_n, block_k):
-    """Launch the GEMM on compressed A (values/indices/scale); ``t`` is ``x @ lr_down`` in fp32."""
+def _check_compressed(values, indices, scale, other, bias, n, m) -> None:
+    """The checks of :func:`reference.sparse_mm`, plus the layout the kernel relies on."""
     reference.check_pattern(n, m)
+    reference.check_operand(values, 1, "values")
+    reference.check_operand(other, 1, "other")
+    reference.check_same_dtype(values, other=other, bias=bias)
+    reference.check_reduction_dims(values, other, values.shape[-1] // n * m)
     if values.shape != indices.shape:
         raise ValueError(f"values {tuple(values.shape)} and indices {tuple(indices.shape)} differ in shape")
+    if values.shape[-1] % n != 0:
+        raise ValueError(f"compressed dim {values.shape[-1]} is not a multiple of N={n}")
     if indices.dtype != torch.uint8:
         raise TypeError(f"indices must be uint8, got {indices.dtype}")
-    reference.check_operand(values, n, "values")
-    reference.check_operand(other, 1, "other")
-    if other.dim() < 2:
-        raise ValueError(f"other must have shape (K, N) or (..., K, N), got {tuple(other.shape)}")
-    if scale.shape != values.shape[:-1]:
-        raise ValueError(f"scale must have shape {tuple(values.shape[:-1])}, got {tuple(scale.shape)}")
-    require_triton(values.device)
+    if scale.shape != values.shape[:-1] or scale.dtype != torch.float32:
+        raise ValueError(f"scale must be fp32 of shape {tuple(values.shape[:-1])}, got {scale.dtype} "
+                         f"{tuple(scale.shape)}")
 
-    vector = values.dim() == 1  # x of shape (K,): a single row, as torch.matmul treats it
-    if vector:
-        values, indices, scale = values[None], indices[None], scale[None]
-        t = t[None] if t is not None else None
+
+def _gemm(values, indices, scale, other, bias, t, lr_up, *, n, m, block_m, block_n, block_k):
+    """Launch the GEMM on checked, compressed A; ``t`` is ``x @ lr_down`` in fp32 (or None)."""
+    require_triton(values.device)
     kc = values.shape[-1]
     k, n_out = kc // n * m, other.shape[-1]
-    if other.shape[-2] != k:
-        raise ValueError(f"reduction dims differ: x has K={k}, other has K={other.shape[-2]}")
     rank = t.shape[-1] if t is not None else 0
     if t is not None and lr_up.shape[-2] != rank:
         raise ValueError(f"lr_down has rank {rank} but lr_up has {lr_up.shape[-2]} rows (expected (R, N))")
@@ -168,10 +173,9 @@ def _gemm(values, indices, scale, other, bias, t, lr_up, *, n, m, out_dtype, blo
         scale = scale.reshape(rows)
         t = t.reshape(rows, rank) if t is not None else None
         bias = _expand(bias, out_shape, "bias").reshape(rows, n_out) if bias is not None else None
-        batch, rows_per_batch = (), rows
+        batch, mr = (), rows
     else:
-        rows_per_batch = values.shape[-2]
-    mr = rows_per_batch
+        mr = values.shape[-2]
     v3 = _flat(values, batch, (mr, kc), "values")
     i3 = _flat(indices, batch, (mr, kc), "indices")
     s2 = _flat(scale, batch, (mr,), "scale")
@@ -180,7 +184,7 @@ def _gemm(values, indices, scale, other, bias, t, lr_up, *, n, m, out_dtype, blo
     u3 = _flat(lr_up, batch, (rank, n_out), "lr_up") if t is not None else None
     c3 = _flat(bias, batch, (mr, n_out), "bias") if bias is not None else None
     nb = v3.shape[0]
-    out = new_output((nb, mr, n_out), out_dtype, values.device)
+    out = new_output((nb, mr, n_out), values.dtype, values.device)
 
     if nb and mr and n_out:
         # tl.dot needs every block dim >= 16; BLOCK_K >= 16 is a multiple of m (2, 4 or 8).
@@ -196,18 +200,18 @@ def _gemm(values, indices, scale, other, bias, t, lr_up, *, n, m, out_dtype, blo
             *(t3.stride() if t3 is not None else zeros3), *(u3.stride() if u3 is not None else zeros3),
             *(c3.stride() if c3 is not None else zeros3), *out.stride(),
             NS=n, MS=m, HAS_LR=t3 is not None, HAS_BIAS=c3 is not None,
-            BF16_RNE=out_dtype == torch.bfloat16 and _interpreted(_sparse_mm_kernel),
+            BF16_RNE=out.dtype == torch.bfloat16 and is_interpreted(_sparse_mm_kernel),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br,
         )
-    out = out.reshape(out_shape)
-    return out.squeeze(-2) if vector else out
+    return out.reshape(out_shape)
 
 
 def sparse_mm(values, indices, scale, other, bias=None, *, n: int, m: int,
               block_m: int = DEFAULT_BLOCK_M, block_n: int = DEFAULT_BLOCK_N,
               block_k: int = DEFAULT_BLOCK_K) -> torch.Tensor:
     """Triton :func:`reference.sparse_mm`: ``scale * (S(x) @ other) + bias`` from compressed x."""
-    return _gemm(values, indices, scale, other, bias, None, None, n=n, m=m, out_dtype=values.dtype,
+    _check_compressed(values, indices, scale, other, bias, n, m)
+    return _gemm(values, indices, scale, other, bias, None, None, n=n, m=m,
                  block_m=block_m, block_n=block_n, block_k=block_k)
 
 
@@ -235,15 +239,17 @@ def sparse_matmul(
     reference.check_pattern(n, m)
     reference.check_operand(x, m)
     reference.check_operand(other, 1, "other")
+    reference.check_same_dtype(x, other=other, bias=bias)
+    reference.check_reduction_dims(x, other, x.shape[-1])
     if (lr_down is None) != (lr_up is None):
         raise ValueError("lr_down and lr_up must be given together (low-rank compensation)")
     if lr_down is not None and (lr_down.dim() < 2 or lr_up.dim() < 2):
         raise ValueError(f"lr_down (K, R) and lr_up (R, N) must be matrices, got {tuple(lr_down.shape)} "
                          f"and {tuple(lr_up.shape)}")
-    if x.dim() >= 2 and x.shape[-2] < min_tokens:
+    if x.shape[-2] < min_tokens:
         y = torch.matmul(x, other)
         return (y + bias if bias is not None else y).contiguous()
     values, indices, scale = compress(x, n, m, norm_comp)
     t = torch.matmul(x.float(), lr_down.float()) if lr_down is not None else None
-    return _gemm(values, indices, scale, other, bias, t, lr_up, n=n, m=m, out_dtype=x.dtype,
+    return _gemm(values, indices, scale, other, bias, t, lr_up, n=n, m=m,
                  block_m=block_m, block_n=block_n, block_k=block_k)

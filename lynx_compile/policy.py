@@ -14,11 +14,16 @@ from .kernels.reference import SUPPORTED_DTYPES
 SUPPORTED_DEVICES = ("cpu", "cuda")
 
 
+class KernelUnavailableError(ValueError):
+    """A forced ``kernel`` option cannot run a GEMM on this device, dtype or shape."""
+
+
 @dataclass(frozen=True)
 class Decision:
     rewrite: bool
     reason: str = ""            # why the GEMM stays dense; "" when rewritten
     kernel: str = ""            # the concrete kernel when rewritten
+    kernel_reason: str = ""     # why "auto" passed over faster kernels ("" when it took the first)
     runtime_guard: bool = False  # M is symbolic: the op itself falls back to dense below min_tokens
 
 
@@ -30,16 +35,24 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def resolve_kernel(config: LynxConfig, device: torch.device, dtype: torch.dtype, shape) -> tuple[str, str]:
-    """(kernel name, "") for the kernel to use, or ("", reason) when the requested one cannot run."""
-    names = registry.kernel_names() if config.kernel == "auto" else (config.kernel,)
-    reasons = []
-    for name in names:
-        reason = registry.get_kernel(name).unavailable_reason(device.type, dtype, shape)
+def resolve_kernel(config: LynxConfig, problem: registry.Problem) -> tuple[str, str]:
+    """(kernel, reason): the kernel to use, with "" or, for ``auto``, why faster ones were passed over.
+
+    A forced kernel that cannot run a GEMM the policy would rewrite is an error, never a silent
+    dense fallback: the user asked for that kernel.
+    """
+    if config.kernel != "auto":
+        reason = registry.get_kernel(config.kernel).unavailable_reason(problem)
+        if reason:
+            raise KernelUnavailableError(f"kernel={config.kernel!r} cannot run here: {reason}")
+        return config.kernel, ""
+    passed_over = []
+    for kernel in registry.auto_candidates(problem.device_type):
+        reason = kernel.unavailable_reason(problem)
         if not reason:
-            return name, ""
-        reasons.append(f"{name}: {reason}")
-    return "", "no kernel can run it (" + "; ".join(reasons) + ")"
+            return kernel.name, "; ".join(passed_over)
+        passed_over.append(f"{kernel.name}: {reason}")
+    return "", "no kernel can run it (" + "; ".join(passed_over) + ")"
 
 
 def decide(site, config: LynxConfig) -> Decision:
@@ -67,7 +80,12 @@ def decide(site, config: LynxConfig) -> Decision:
         return Decision(False, f"K={site.k} is not divisible by M={m}")
     if _is_static(site.m) and site.m < config.min_tokens:
         return Decision(False, f"M={site.m} tokens < min_tokens={config.min_tokens}")
-    kernel, reason = resolve_kernel(config, site.device, site.dtype, (site.m, site.k, site.n))
+    problem = registry.Problem(site.device.type, site.dtype, site.m, site.k, site.n, site.batch, (n, m))
+    try:
+        kernel, reason = resolve_kernel(config, problem)
+    except KernelUnavailableError as error:
+        raise KernelUnavailableError(f"{site.name} ({site.op}, MxKxN={site.m}x{site.k}x{site.n}): {error}") from None
     if not kernel:
         return Decision(False, reason)
-    return Decision(True, kernel=kernel, runtime_guard=not _is_static(site.m) and config.min_tokens > 0)
+    return Decision(True, kernel=kernel, kernel_reason=reason,
+                    runtime_guard=not _is_static(site.m) and config.min_tokens > 0)

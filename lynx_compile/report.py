@@ -31,6 +31,7 @@ class GemmRecord:
     kernel: str        # kernel of the rewritten op, "" when dense
     norm_comp: bool
     reason: str        # why it stayed dense, "" when rewritten
+    kernel_reason: str = ""  # why kernel="auto" passed over faster kernels for this node
     runtime_guard: bool = False
 
     @classmethod
@@ -41,7 +42,7 @@ class GemmRecord:
             dtype=str(site.dtype).removeprefix("torch."), rewritten=decision.rewrite,
             pattern=config.pattern if decision.rewrite else "dense", kernel=decision.kernel,
             norm_comp=config.norm_comp and decision.rewrite, reason=decision.reason,
-            runtime_guard=decision.runtime_guard,
+            kernel_reason=decision.kernel_reason, runtime_guard=decision.runtime_guard,
         )
 
 

@@ -1,3 +1,11 @@
+import glob
+import os
+
+# Triton reads TRITON_INTERPRET once, when first imported (torch._dynamo imports it), so the CPU
+# interpreter is chosen here, before torch, and only where no NVIDIA GPU could use real kernels.
+if not glob.glob("/dev/nvidia[0-9]*"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 

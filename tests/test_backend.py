@@ -109,7 +109,7 @@ def test_dump_dir_writes_graphs_and_reports_for_every_graph(tmp_path):
     first = combined["nodes"][0]
     assert first == {"name": "fc1", "node": "addmm", "op": "addmm", "kind": "linear", "shape": [32, 32, 128],
                      "batch": 1, "dtype": "float32", "rewritten": True, "pattern": "2:4", "kernel": "reference",
-                     "norm_comp": True, "reason": "", "runtime_guard": False}
+                     "norm_comp": True, "reason": "", "kernel_reason": "", "runtime_guard": False}
     text = (tmp_path / "report.txt").read_text()
     assert "rtlynx graph" in text and "fc1" in text and "reason" in text
 

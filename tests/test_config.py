@@ -36,7 +36,7 @@ def test_frozen_and_hashable():
     ({"min_tokens": "512"}, "option 'min_tokens' must be an integer >= 0, got '512'"),
     ({"include": "blocks.(("}, "option 'include': invalid regex 'blocks.(('"),
     ({"exclude": 3}, "option 'exclude' must be a regex string or a list of them, got 3"),
-    ({"kernel": "cutlass"}, "option 'kernel' has invalid value 'cutlass'; valid choices: 'auto', 'reference'"),
+    ({"kernel": "cutlass"}, "option 'kernel' has invalid value 'cutlass'; valid choices: 'auto', 'reference', 'triton', 'cusparselt'"),
     ({"inner": "aot_eager"}, "option 'inner' has invalid value 'aot_eager'; valid choices: 'inductor', 'eager'"),
     ({"mode": "fast"}, "option 'mode' has invalid value 'fast'; valid choices: None, 'default', 'reduce-overhead'"),
     ({"norm_comp": 1}, "option 'norm_comp' must be True or False, got 1"),
