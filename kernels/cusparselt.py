@@ -90,15 +90,11 @@ def _compress(x2d: torch.Tensor, n: int, m: int, norm_comp: bool):
 def sparse_matmul(x, other, bias=None, lr_down=None, lr_up=None, *, n: int, m: int, norm_comp: bool = True,
                   min_tokens: int = 0) -> torch.Tensor:
     """Same contract as ``reference.sparse_matmul``; the GEMM runs on sparse tensor cores."""
-    reference.check_pattern(n, m)
-    reference.check_operand(x, m)
-    reference.check_same_dtype(x, other=other, bias=bias)
-    reference.check_reduction_dims(x, other, x.shape[-1])
+    reference.check_sparse_matmul_args(x, other, bias, lr_down, lr_up, n, m)
     if other.dim() != 2:
         raise ValueError("the cuSPARSELt path needs a 2-D other (K, N); batched GEMMs use another kernel")
     if x.shape[-2] < min_tokens:
-        return reference.sparse_matmul(x, other, bias, lr_down, lr_up, n=n, m=m, norm_comp=norm_comp,
-                                       min_tokens=min_tokens)
+        return reference.dense_matmul(x, other, bias)
     k, n_out = other.shape
     x2d = x.reshape(-1, k)
     values, indices, scale = _compress(x2d, n, m, norm_comp)

@@ -62,6 +62,26 @@ def check_reduction_dims(x: torch.Tensor, other: torch.Tensor, k: int) -> None:
         raise ValueError(f"reduction dims differ: x has K={k}, other has K={other.shape[-2]}")
 
 
+def check_sparse_matmul_args(x, other, bias, lr_down, lr_up, n: int, m: int) -> None:
+    """Every kernel's ``sparse_matmul`` accepts exactly the same inputs, and rejects the rest alike."""
+    check_pattern(n, m)
+    check_operand(x, m)
+    check_operand(other, 1, "other")
+    check_same_dtype(x, other=other, bias=bias)
+    check_reduction_dims(x, other, x.shape[-1])
+    if (lr_down is None) != (lr_up is None):
+        raise ValueError("lr_down and lr_up must be given together (low-rank compensation)")
+    if lr_down is not None and (lr_down.dim() != 2 or lr_up.dim() != 2):
+        raise ValueError(f"lr_down (K, R) and lr_up (R, N) must be matrices, got {tuple(lr_down.shape)} "
+                         f"and {tuple(lr_up.shape)}")
+
+
+def dense_matmul(x: torch.Tensor, other: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The exact dense layer, for M below ``min_tokens``: every kernel falls back to this."""
+    y = torch.matmul(x, other)
+    return (y + bias if bias is not None else y).contiguous()
+
+
 def nm_select(x: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-n-of-m by magnitude along the last dim -> (values, uint8 in-group indices)."""
     check_pattern(n, m)
@@ -152,16 +172,9 @@ def sparse_matmul(
     it is ``weight.t()``. Rows fewer than ``min_tokens`` (x.shape[-2]) take the exact dense path:
     sparsity does not pay there, and this keeps one compiled graph correct for every M.
     """
-    check_pattern(n, m)
-    check_operand(x, m)
-    check_operand(other, 1, "other")
-    check_same_dtype(x, other=other, bias=bias)
-    check_reduction_dims(x, other, x.shape[-1])
-    if (lr_down is None) != (lr_up is None):
-        raise ValueError("lr_down and lr_up must be given together (low-rank compensation)")
-    if x.dim() >= 2 and x.shape[-2] < min_tokens:
-        y = torch.matmul(x, other)
-        return (y + bias if bias is not None else y).contiguous()
+    check_sparse_matmul_args(x, other, bias, lr_down, lr_up, n, m)
+    if x.shape[-2] < min_tokens:
+        return dense_matmul(x, other, bias)
     values, indices, scale = compress(x, n, m, norm_comp)
     y = torch.matmul(decompress(values, indices, n, m).float(), other.float()) * scale.unsqueeze(-1)
     if lr_down is not None:

@@ -236,19 +236,9 @@ def sparse_matmul(
     dense torch path, as in the reference. ``x @ lr_down`` (M x R, R small) is computed in fp32
     with torch, and its product with ``lr_up`` is accumulated in the GEMM's epilogue.
     """
-    reference.check_pattern(n, m)
-    reference.check_operand(x, m)
-    reference.check_operand(other, 1, "other")
-    reference.check_same_dtype(x, other=other, bias=bias)
-    reference.check_reduction_dims(x, other, x.shape[-1])
-    if (lr_down is None) != (lr_up is None):
-        raise ValueError("lr_down and lr_up must be given together (low-rank compensation)")
-    if lr_down is not None and (lr_down.dim() < 2 or lr_up.dim() < 2):
-        raise ValueError(f"lr_down (K, R) and lr_up (R, N) must be matrices, got {tuple(lr_down.shape)} "
-                         f"and {tuple(lr_up.shape)}")
+    reference.check_sparse_matmul_args(x, other, bias, lr_down, lr_up, n, m)
     if x.shape[-2] < min_tokens:
-        y = torch.matmul(x, other)
-        return (y + bias if bias is not None else y).contiguous()
+        return reference.dense_matmul(x, other, bias)
     values, indices, scale = compress(x, n, m, norm_comp)
     t = torch.matmul(x.float(), lr_down.float()) if lr_down is not None else None
     return _gemm(values, indices, scale, other, bias, t, lr_up, n=n, m=m,
