@@ -44,7 +44,8 @@ class LynxConfig:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     op_kinds: tuple[str, ...] = OP_KINDS
-    min_tokens: int = DEFAULT_MIN_TOKENS
+    min_tokens: int | str = DEFAULT_MIN_TOKENS
+    device_profile: str | None = None
     kernel: str = "auto"
     inner: str = "inductor"
     mode: str | None = None
@@ -109,9 +110,15 @@ def _normalise(key: str, value: Any) -> Any:
             _one_of(key, kind, OP_KINDS)
         return tuple(k for k in OP_KINDS if k in kinds)
     if key == "min_tokens":
+        if value == "auto":
+            return value
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"option 'min_tokens' must be an integer >= 0, got {value!r}")
+            raise ValueError(f"option 'min_tokens' must be an integer >= 0 or 'auto', got {value!r}")
         return value
+    if key == "device_profile":
+        from .cost_model import PROFILES
+
+        return value if value is None else _one_of(key, value, tuple(PROFILES))
     if key == "dump_dir":
         if value is not None and not isinstance(value, (str, os.PathLike)):
             raise ValueError(f"option 'dump_dir' must be a path or None, got {value!r}")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
+import sympy
 import torch
 
+from . import cost_model
 from .config import LynxConfig
 from .kernels import registry
 from .kernels.reference import SUPPORTED_DTYPES
@@ -25,10 +28,43 @@ class Decision:
     kernel: str = ""            # the concrete kernel when rewritten
     kernel_reason: str = ""     # why "auto" passed over faster kernels ("" when it took the first)
     runtime_guard: bool = False  # M is symbolic: the op itself falls back to dense below min_tokens
+    min_tokens: int = 0          # the threshold the op applies at run time
+    cost: dict | None = None     # cost-model estimates at this M (see cost_model.GemmCost.at)
 
 
 def _is_static(value) -> bool:
     return isinstance(value, int)
+
+
+def _size_hint(value):
+    """The concrete size a symbolic dim had when compiled (None when unknown)."""
+    return value if isinstance(value, int) else getattr(getattr(value, "node", None), "hint", None)
+
+
+def device_profile(config: LynxConfig, device: torch.device) -> cost_model.DeviceProfile:
+    """The configured profile, else the one matching the CUDA device's name, else H100's."""
+    if config.device_profile:
+        return cost_model.PROFILES[config.device_profile]
+    if device.type == "cuda" and torch.cuda.is_available():
+        try:
+            return cost_model.profile_for(torch.cuda.get_device_name(device))
+        except ValueError:
+            pass
+    return cost_model.PROFILES["H100"]
+
+
+def estimate(site, config: LynxConfig, kernel: str, *, break_even: bool = True):
+    """(cost expressions, their values at the node's hinted M, profile) for one GEMM."""
+    profile = device_profile(config, site.device)
+    n, m = config.nm or (2, 4)
+    cost = cost_model.gemm_cost(profile, site.k, _size_hint(site.n) or 1, pattern=(n, m), kernel=kernel or "cusparselt",
+                                dtype_bytes=site.dtype.itemsize, batch=_size_hint(site.batch) or 1)
+    hint = _size_hint(site.m)
+    values = cost.at(hint) if hint is not None else {}
+    if break_even:
+        root = cost.break_even()
+        values["break_even_m"] = "inf" if root == sympy.oo else math.ceil(root)
+    return cost, values, profile
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -78,7 +114,7 @@ def decide(site, config: LynxConfig) -> Decision:
         return Decision(False, f"reduction dim K={site.k} is dynamic")
     if site.k % m != 0:
         return Decision(False, f"K={site.k} is not divisible by M={m}")
-    if _is_static(site.m) and site.m < config.min_tokens:
+    if config.min_tokens != "auto" and _is_static(site.m) and site.m < config.min_tokens:
         return Decision(False, f"M={site.m} tokens < min_tokens={config.min_tokens}")
     problem = registry.Problem(site.device.type, site.dtype, site.m, site.k, site.n, site.batch, (n, m))
     try:
@@ -87,5 +123,15 @@ def decide(site, config: LynxConfig) -> Decision:
         raise KernelUnavailableError(f"{site.name} ({site.op}, MxKxN={site.m}x{site.k}x{site.n}): {error}") from None
     if not kernel:
         return Decision(False, reason)
-    return Decision(True, kernel=kernel, kernel_reason=reason,
-                    runtime_guard=not _is_static(site.m) and config.min_tokens > 0)
+    _, cost, profile = estimate(site, config, kernel)
+    min_tokens = config.min_tokens
+    if min_tokens == "auto":
+        break_even = cost["break_even_m"]
+        where = f"kernel {kernel!r} on {profile.name} (cost model)"
+        if break_even == "inf":
+            return Decision(False, f"sparsity never pays for {where}", cost=cost)
+        if _is_static(site.m) and site.m < break_even:
+            return Decision(False, f"M={site.m} tokens < break-even M={break_even} for {where}", cost=cost)
+        min_tokens = break_even
+    return Decision(True, kernel=kernel, kernel_reason=reason, min_tokens=min_tokens, cost=cost,
+                    runtime_guard=not _is_static(site.m) and min_tokens > 0)

@@ -10,6 +10,10 @@ from pathlib import Path
 from tabulate import tabulate
 
 
+def _us(value) -> str:
+    return "" if value is None else f"{value:.1f}"
+
+
 def _plain(value):
     """ints stay ints; symbolic sizes become their expression (``s0``, ``2*s1``)."""
     return value if isinstance(value, int) else str(value)
@@ -33,9 +37,17 @@ class GemmRecord:
     reason: str        # why it stayed dense, "" when rewritten
     kernel_reason: str = ""  # why kernel="auto" passed over faster kernels for this node
     runtime_guard: bool = False
+    min_tokens: int = 0      # the op's run-time dense threshold (a break-even M with min_tokens="auto")
+    # Cost-model estimates at the compiled M (see lynx_compile/cost_model.py); None when unknown.
+    est_dense_us: float | None = None
+    est_sparse_us: float | None = None
+    flops: int | None = None
+    flops_saved: int | None = None
+    break_even_m: object = None
 
     @classmethod
-    def from_decision(cls, site, decision, config) -> "GemmRecord":
+    def from_decision(cls, site, decision, config, cost: dict | None = None) -> "GemmRecord":
+        cost = cost or {}
         return cls(
             name=site.name, node=site.node.name, op=site.op, kind=site.kind,
             shape=[_plain(site.m), _plain(site.k), _plain(site.n)], batch=_plain(site.batch),
@@ -43,6 +55,9 @@ class GemmRecord:
             pattern=config.pattern if decision.rewrite else "dense", kernel=decision.kernel,
             norm_comp=config.norm_comp and decision.rewrite, reason=decision.reason,
             kernel_reason=decision.kernel_reason, runtime_guard=decision.runtime_guard,
+            min_tokens=decision.min_tokens, est_dense_us=cost.get("dense_us"), est_sparse_us=cost.get("sparse_us"),
+            flops=cost.get("flops"), flops_saved=cost.get("flops_saved") if decision.rewrite else 0,
+            break_even_m=cost.get("break_even_m"),
         )
 
 
@@ -60,6 +75,18 @@ class GraphReport:
     def num_rewritten(self) -> int:
         return sum(r.rewritten for r in self.records)
 
+    def totals(self) -> dict:
+        """Share of GEMM FLOPs that runs sparse, and the cost model's speed-up of the GEMM part."""
+        known = [r for r in self.records if r.est_dense_us is not None]
+        flops = sum(r.flops for r in known)
+        sparse_flops = sum(r.flops for r in known if r.rewritten)
+        dense_us = sum(r.est_dense_us for r in known)
+        lynx_us = sum(r.est_sparse_us if r.rewritten else r.est_dense_us for r in known)
+        return {"gemms": len(self.records), "rewritten": self.num_rewritten,
+                "sparse_flop_fraction": sparse_flops / flops if flops else 0.0,
+                "est_gemm_speedup": dense_us / lynx_us if lynx_us else 1.0,
+                "device_profile": self.options.get("device_profile") or "auto"}
+
     def summary_line(self) -> str:
         dense = len(self.records) - self.num_rewritten
         return (f"rtlynx graph {self.index}: {len(self.records)} GEMMs, {self.num_rewritten} rewritten "
@@ -68,17 +95,23 @@ class GraphReport:
     def table(self) -> str:
         rows = [
             [r.name, r.op, r.kind, "x".join(map(str, r.shape)), r.dtype, "yes" if r.rewritten else "no",
-             r.pattern, r.kernel, r.reason]
+             r.pattern, r.kernel, _us(r.est_dense_us), _us(r.est_sparse_us) if r.rewritten else "",
+             r.break_even_m if r.break_even_m is not None else "", r.reason]
             for r in self.records
         ]
-        headers = ["layer", "op", "kind", "MxKxN", "dtype", "rewritten", "pattern", "kernel", "reason"]
-        return self.summary_line() + "\n" + tabulate(rows, headers=headers)
+        headers = ["layer", "op", "kind", "MxKxN", "dtype", "rewritten", "pattern", "kernel", "dense us", "sparse us",
+                   "break-even M", "reason"]
+        totals = self.totals()
+        footer = (f"sparse share of GEMM FLOPs: {totals['sparse_flop_fraction']:.1%}; cost-model GEMM speed-up: "
+                  f"{totals['est_gemm_speedup']:.2f}x (estimates, not measurements)")
+        return self.summary_line() + "\n" + tabulate(rows, headers=headers) + "\n" + footer
 
     def __str__(self) -> str:
         return self.table()
 
     def to_json(self) -> dict:
-        return {"graph": self.index, "options": self.options, "nodes": [asdict(r) for r in self.records]}
+        return {"graph": self.index, "options": self.options, "totals": self.totals(),
+                "nodes": [asdict(r) for r in self.records]}
 
 
 _REPORTS: list[GraphReport] = []

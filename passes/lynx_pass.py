@@ -14,7 +14,7 @@ from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from ..config import LynxConfig
-from ..policy import decide
+from ..policy import decide, estimate
 from ..report import GemmRecord, GraphReport
 from .gemm_sites import as_gemm_site
 from .rewrite_gemm import rewrite_gemm
@@ -60,11 +60,12 @@ class LynxPass(CustomGraphPass):
             if site is None:
                 continue
             decision = decide(site, config)
-            records.append(GemmRecord.from_decision(site, decision, config))
+            cost = decision.cost or estimate(site, config, decision.kernel, break_even=False)[1]
+            records.append(GemmRecord.from_decision(site, decision, config, cost))
             if decision.rewrite:
                 n, m = config.nm
                 rewrite_gemm(graph, site, n=n, m=m, norm_comp=config.norm_comp,
-                             min_tokens=config.min_tokens, kernel=decision.kernel)
+                             min_tokens=decision.min_tokens, kernel=decision.kernel)
         graph.lint()
         after = readable(graph) if config.dump_dir else ""
         self.report = GraphReport(self.graph_index, records, config.summary(), before, after)

@@ -107,9 +107,15 @@ def test_dump_dir_writes_graphs_and_reports_for_every_graph(tmp_path):
     combined = json.loads((tmp_path / "report.json").read_text())
     assert len(combined["nodes"]) == 8 and len(combined["graphs"]) == 2
     first = combined["nodes"][0]
+    cost = {key: first.pop(key) for key in ("est_dense_us", "est_sparse_us", "flops", "flops_saved", "break_even_m")}
+    # The reference kernel does dense FLOPs on the expanded tile: the cost model says it never pays.
+    assert cost["flops"] == 2 * 32 * 32 * 128 and cost["flops_saved"] == 0 and cost["break_even_m"] == "inf"
+    assert cost["est_sparse_us"] > cost["est_dense_us"] > 0
     assert first == {"name": "fc1", "node": "addmm", "op": "addmm", "kind": "linear", "shape": [32, 32, 128],
                      "batch": 1, "dtype": "float32", "rewritten": True, "pattern": "2:4", "kernel": "reference",
-                     "norm_comp": True, "reason": "", "kernel_reason": "", "runtime_guard": False}
+                     "norm_comp": True, "reason": "", "kernel_reason": "", "runtime_guard": False,
+                     "min_tokens": 0}
+    assert combined["graphs"][0]["totals"]["sparse_flop_fraction"] == 1.0
     text = (tmp_path / "report.txt").read_text()
     assert "rtlynx graph" in text and "fc1" in text and "reason" in text
 
