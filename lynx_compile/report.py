@@ -68,8 +68,8 @@ class GraphReport:
     index: int
     records: list[GemmRecord]
     options: dict
-    graph_before: str = field(default="", repr=False)
-    graph_after: str = field(default="", repr=False)
+    # Files for the dump folder (graph sources, repro, drawings), filled only when dump_dir is set.
+    artifacts: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_rewritten(self) -> int:
@@ -145,8 +145,9 @@ def next_graph_dir(dump_dir: str | os.PathLike) -> Path:
 def write_dump(report: GraphReport, dump_dir: str | os.PathLike) -> Path:
     """Write the graph's own folder, then refresh the run-wide report.{txt,json} beside it."""
     graph_dir = next_graph_dir(dump_dir)
-    (graph_dir / "graph_before.py").write_text(report.graph_before)
-    (graph_dir / "graph_after.py").write_text(report.graph_after)
+    for name, content in report.artifacts.items():
+        target = graph_dir / name
+        target.write_bytes(content) if isinstance(content, bytes) else target.write_text(content)
     (graph_dir / "report.txt").write_text(report.table() + "\n")
     (graph_dir / "report.json").write_text(json.dumps(report.to_json(), indent=2))
     same_dir = [r for r in _REPORTS if r.options.get("dump_dir") == report.options.get("dump_dir")]

@@ -12,11 +12,14 @@ from pathlib import Path
 
 from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch._logging import trace_structured
 
 from ..config import LynxConfig
+from ..log import log
 from ..policy import decide, estimate
 from ..report import GemmRecord, GraphReport
 from .gemm_sites import as_gemm_site
+from .graph_artifacts import readable, region_svgs, repro_source
 from .rewrite_gemm import rewrite_gemm
 
 _PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -33,14 +36,6 @@ def _source_digest() -> str:
     return digest.hexdigest()
 
 
-def readable(graph: fx.Graph) -> str:
-    """The graph as Python with shapes, dtypes, strides and devices (``print_readable``)."""
-    gm = graph.owning_module
-    if gm is None:
-        return str(graph)
-    return gm.print_readable(print_output=False, include_stride=True, include_device=True)
-
-
 class LynxPass(CustomGraphPass):
     """Rewrites the forward graph in place; ``self.report`` holds the result of the last call."""
 
@@ -52,8 +47,9 @@ class LynxPass(CustomGraphPass):
 
     def __call__(self, graph: fx.Graph) -> None:
         config = self.config
-        before = readable(graph) if config.dump_dir else ""
-        records = []
+        _trace_artifact("rtlynx_graph_before", lambda: readable(graph))
+        artifacts = {"graph_before.py": readable(graph)} if config.dump_dir else {}
+        records, rewritten = [], []
         # Classify each node only when reached: earlier rewrites replace nodes later GEMMs consume.
         for node in list(graph.nodes):
             site = as_gemm_site(node, self.param_inputs)
@@ -62,16 +58,29 @@ class LynxPass(CustomGraphPass):
             decision = decide(site, config)
             cost = decision.cost or estimate(site, config, decision.kernel, break_even=False)[1]
             records.append(GemmRecord.from_decision(site, decision, config, cost))
+            log.debug("rtlynx graph %d: %s %s %s -> %s", self.graph_index, site.name, site.op, records[-1].shape,
+                      f"{config.pattern} via {decision.kernel}" if decision.rewrite else f"dense ({decision.reason})")
             if decision.rewrite:
                 n, m = config.nm
-                rewrite_gemm(graph, site, n=n, m=m, norm_comp=config.norm_comp,
-                             min_tokens=decision.min_tokens, kernel=decision.kernel)
+                rewritten.append(rewrite_gemm(graph, site, n=n, m=m, norm_comp=config.norm_comp,
+                                              min_tokens=decision.min_tokens, kernel=decision.kernel))
         graph.lint()
-        after = readable(graph) if config.dump_dir else ""
-        self.report = GraphReport(self.graph_index, records, config.summary(), before, after)
+        self.report = GraphReport(self.graph_index, records, config.summary())
+        _trace_artifact("rtlynx_graph_after", lambda: readable(graph))
+        _trace_artifact("rtlynx_report", lambda: self.report.table())
+        if config.dump_dir:
+            artifacts["graph_after.py"] = readable(graph)
+            artifacts["repro.py"] = repro_source(graph, f"rtlynx graph {self.graph_index}")
+            artifacts.update(region_svgs(graph, rewritten))
+            self.report.artifacts = artifacts
 
     def uuid(self) -> str:
         # dump_dir only changes where files go, and with it set the backend disables caches anyway.
         key = {k: v for k, v in self.config.summary().items() if k != "dump_dir"}
         key["param_inputs"] = sorted(self.param_inputs) if self.param_inputs is not None else None
         return hashlib.sha256((repr(sorted(key.items())) + _source_digest()).encode()).hexdigest()
+
+
+def _trace_artifact(name: str, payload) -> None:
+    """A ``trace_structured`` artifact, so graphs and reports show up in ``tlparse`` of a TORCH_TRACE run."""
+    trace_structured("artifact", metadata_fn=lambda: {"name": name, "encoding": "string"}, payload_fn=payload)

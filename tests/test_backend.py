@@ -100,10 +100,14 @@ def test_dump_dir_writes_graphs_and_reports_for_every_graph(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["graph_000", "graph_001", "report.json", "report.txt"]
     for graph_dir in ("graph_000", "graph_001"):
         files = sorted(p.name for p in (tmp_path / graph_dir).iterdir())
-        assert files == ["graph_after.py", "graph_before.py", "report.json", "report.txt"]
+        assert files == ["graph_after.py", "graph_before.py", "report.json", "report.txt", "repro.py"]
         after = (tmp_path / graph_dir / "graph_after.py").read_text()
         assert after.count("torch.ops.rtlynx.sparse_matmul.default(") == 4
         assert "torch.ops.aten.addmm" in (tmp_path / graph_dir / "graph_before.py").read_text()
+    repro = subprocess.run([sys.executable, str(tmp_path / "graph_000" / "repro.py")], capture_output=True, text=True,
+                           timeout=300)
+    assert repro.returncode == 0, repro.stderr
+    assert repro.stdout.splitlines() == ["(2, 16, 32) torch.float32 finite"]
     combined = json.loads((tmp_path / "report.json").read_text())
     assert len(combined["nodes"]) == 8 and len(combined["graphs"]) == 2
     first = combined["nodes"][0]
