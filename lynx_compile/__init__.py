@@ -7,9 +7,10 @@ the backend is also found through the ``torch_dynamo_backends`` entry point with
 from .kernels import ops as _ops  # noqa: F401  (registers torch.ops.rtlynx.*)
 from .backend import register as _register_backend, rtlynx
 from .config import LynxConfig
+from .explain import Explanation, explain
 from .report import GemmRecord, GraphReport, clear_reports, reports
 
 _register_backend()
 
-__all__ = ["rtlynx", "LynxConfig", "GemmRecord", "GraphReport", "reports", "clear_reports"]
+__all__ = ["rtlynx", "explain", "Explanation", "LynxConfig", "GemmRecord", "GraphReport", "reports", "clear_reports"]
 __version__ = "0.1.0"

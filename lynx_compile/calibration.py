@@ -51,9 +51,10 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
 from .kernels import reference
-from .plan import LayerPlan, Plan, dtype_name, planned_forward
+from .plan import DTYPES, LayerPlan, Plan, dtype_name, planned_forward
 
 PATTERNS = ("2:4", "1:2", "4:8")
+_RANDOM_IN_TRAINING = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
 _ROW_CHUNK = 4096  # rows per float64 statistics update: bounds the temporaries, not the result
 
 
@@ -312,6 +313,12 @@ class _LayerStats:
                 self.sum_dp += dp.sum(0)
                 self.xdp += xp.double().T @ dp
 
+    def finite(self) -> bool:
+        """NaN/Inf activations would poison every fit (and the plan JSON): such layers stay dense."""
+        scalars = [self.yy, self.tt_plain, self.tt_norm] + ([self.tt_p] if self.perm is not None else [])
+        mats = [self.xx, self.xd] + ([self.xdp] if self.perm is not None else [])
+        return all(math.isfinite(v) for v in scalars) and all(bool(torch.isfinite(t).all()) for t in mats)
+
     def variant(self, permuted: bool) -> "_Variant":
         """The statistics of one channel order (X, D, W all in that order)."""
         if not permuted:
@@ -549,8 +556,9 @@ def calibrate(model: nn.Module, calibration_inputs, options: Mapping[str, Any] |
     """
     cfg = CalibrationConfig.from_options(options)
     n, m = cfg.nm
-    if model.training:
-        warnings.warn("calibrate() runs the model in training mode; call model.eval() for deterministic passes")
+    if any(mod.training and isinstance(mod, _RANDOM_IN_TRAINING) for mod in model.modules()):
+        warnings.warn("calibrate() runs dropout/batch-norm layers in training mode; call model.eval() so that "
+                      "every pass over the calibration inputs computes the same thing")
     runner = _Runner(calibration_inputs)
     plan = Plan(pattern=cfg.pattern, norm_comp=cfg.norm_comp, min_tokens=cfg.min_tokens, options=cfg.summary())
     candidates: dict[str, nn.Linear] = {}
@@ -578,6 +586,8 @@ def calibrate(model: nn.Module, calibration_inputs, options: Mapping[str, Any] |
             lp.sparse, lp.reason = False, "not called on the calibration inputs"
         elif st.max_rows < cfg.min_tokens:
             lp.sparse, lp.reason = False, f"M={st.max_rows} tokens < min_tokens={cfg.min_tokens}"
+        elif not st.finite():
+            lp.sparse, lp.reason = False, "non-finite (NaN/Inf) activations on the calibration inputs"
         else:
             _fit_layer(lp, st, cfg, candidates[path].weight.dtype)
     del stats
@@ -631,7 +641,8 @@ def _measure(plans: dict[str, Plan], model: nn.Module, runner: _Runner, progress
             for name, layers in acc.items()}
 
 
-def measure_layer_errors(plan: Plan, model: nn.Module, calibration_inputs, *, progress: bool = False) -> dict[str, float]:
+def measure_layer_errors(plan: Plan, model: nn.Module, calibration_inputs, *,
+                         progress: bool = False) -> dict[str, float]:
     """Measured per-layer ``||Y_plan - Y_dense|| / ||Y_dense||`` on any inputs (e.g. held-out data)."""
     return _measure({"plan": plan}, model, _Runner(calibration_inputs), progress).get("plan", {})
 
@@ -732,4 +743,4 @@ def refine(plan: Plan, model: nn.Module, calibration_inputs, *, steps: int = 100
 
 
 def _dtype_of(lp: LayerPlan) -> torch.dtype:
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(lp.dtype, torch.float32)
+    return DTYPES.get(lp.dtype, torch.float32)

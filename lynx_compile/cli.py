@@ -37,17 +37,58 @@ def _report_table(dump_dir: Path) -> str:
             + tabulate(rows, headers=["layer", "op", "MxKxN", "dtype", "rewritten", "pattern", "kernel", "reason"]))
 
 
+def _load_builder(spec: str):
+    """``path/to/file.py:function`` or ``package.module:function``."""
+    import importlib
+    import importlib.util
+
+    target, _, name = spec.rpartition(":")
+    if not target or not name:
+        raise SystemExit(f"lynx-compile: expected FILE.py:FUNCTION or MODULE:FUNCTION, got {spec!r}")
+    if target.endswith(".py"):
+        module_spec = importlib.util.spec_from_file_location("lynx_explain_target", target)
+        if module_spec is None or not Path(target).is_file():
+            raise SystemExit(f"lynx-compile: no such file {target!r}")
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(target)
+    if not hasattr(module, name):
+        raise SystemExit(f"lynx-compile: {target!r} has no function {name!r}")
+    return getattr(module, name)
+
+
+def _explain(spec: str, options_json: str, json_path: Path | None) -> str:
+    import torch
+
+    from .explain import explain
+
+    built = _load_builder(spec)()
+    model, args, kwargs = (*built, {}) if len(built) == 2 else built
+    with torch.no_grad():
+        explanation = explain(model, *args, options=json.loads(options_json), **kwargs)
+    if json_path:
+        json_path.write_text(explanation.dumps())
+    return str(explanation)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lynx-compile", description="Inspect the rtlynx backend.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("options", help="list every backend option with its default and choices")
     show = sub.add_parser("show", help="print the per-GEMM table of a dump_dir (or a report.json)")
     show.add_argument("path", type=Path)
+    explain_cmd = sub.add_parser("explain", help="dry run: what rtlynx would do to a model, without compiling")
+    explain_cmd.add_argument("builder", help="FILE.py:FUNCTION or MODULE:FUNCTION returning (model, args[, kwargs])")
+    explain_cmd.add_argument("--options", default="{}", help="backend options as JSON")
+    explain_cmd.add_argument("--json", type=Path, help="also write the explanation as JSON here")
     args = parser.parse_args(argv)
     if args.command == "options":
         print(_options_table())
-    else:
+    elif args.command == "show":
         print(_report_table(args.path))
+    else:
+        print(_explain(args.builder, args.options, args.json))
     return 0
 
 

@@ -46,8 +46,7 @@ PLAN_JSON = "plan.json"
 PLAN_TENSORS = "tensors.safetensors"
 TENSOR_NAMES = ("lr_down", "lr_up", "bias_delta", "perm")
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-           "float64": torch.float64}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -103,7 +102,8 @@ class LayerPlan:
             raise ValueError(f"{where} has bias_delta {tuple(self.bias_delta.shape)}; expected (N={n},)")
         if self.perm is not None:
             if self.perm.dtype != torch.int64 or tuple(self.perm.shape) != (k,):
-                raise ValueError(f"{where} has perm {tuple(self.perm.shape)} {self.perm.dtype}; expected int64 (K={k},)")
+                raise ValueError(f"{where} has perm {tuple(self.perm.shape)} {self.perm.dtype}; "
+                                 f"expected int64 (K={k},)")
             if not torch.equal(self.perm.sort().values, torch.arange(k, device=self.perm.device)):
                 raise ValueError(f"{where} has a perm that is not a permutation of range(K={k})")
 

@@ -57,7 +57,8 @@ def estimate(site, config: LynxConfig, kernel: str, *, break_even: bool = True):
     """(cost expressions, their values at the node's hinted M, profile) for one GEMM."""
     profile = device_profile(config, site.device)
     n, m = config.nm or (2, 4)
-    cost = cost_model.gemm_cost(profile, site.k, _size_hint(site.n) or 1, pattern=(n, m), kernel=kernel or "cusparselt",
+    cost = cost_model.gemm_cost(profile, _size_hint(site.k) or 1, _size_hint(site.n) or 1, pattern=(n, m),
+                                kernel=kernel or "cusparselt",
                                 dtype_bytes=site.dtype.itemsize, batch=_size_hint(site.batch) or 1)
     hint = _size_hint(site.m)
     values = cost.at(hint) if hint is not None else {}

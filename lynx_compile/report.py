@@ -150,6 +150,11 @@ def write_dump(report: GraphReport, dump_dir: str | os.PathLike) -> Path:
         target.write_bytes(content) if isinstance(content, bytes) else target.write_text(content)
     (graph_dir / "report.txt").write_text(report.table() + "\n")
     (graph_dir / "report.json").write_text(json.dumps(report.to_json(), indent=2))
+    from .plots import report_png
+
+    png = report_png(report)
+    if png:
+        (graph_dir / "report.png").write_bytes(png)
     same_dir = [r for r in _REPORTS if r.options.get("dump_dir") == report.options.get("dump_dir")]
     root = Path(dump_dir)
     (root / "report.txt").write_text("\n\n".join(r.table() for r in same_dir) + "\n")

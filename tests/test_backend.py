@@ -95,21 +95,27 @@ def test_dump_dir_writes_graphs_and_reports_for_every_graph(tmp_path):
         torch._dynamo.graph_break()
         return model(y)
 
-    out = torch.compile(two_graphs, backend="rtlynx", options={"min_tokens": 0, "dump_dir": str(tmp_path)})(x)
-    assert torch.isfinite(out).all()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["graph_000", "graph_001", "report.json", "report.txt"]
-    for graph_dir in ("graph_000", "graph_001"):
+    compiled = torch.compile(two_graphs, backend="rtlynx", options={"min_tokens": 0, "dump_dir": str(tmp_path)})
+    assert torch.isfinite(compiled(x)).all()
+    compiled(torch.randn(2, 24, 32))  # a new token count: both graphs recompile (dynamic now)
+    graph_dirs = [f"graph_{i:03d}" for i in range(4)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == graph_dirs + ["report.json", "report.txt"]
+    # After the recompile the token count is symbolic, and so is K of `scores @ h`: that one stays dense.
+    for graph_dir, rewrites in zip(graph_dirs, [4, 4, 3, 3]):
         files = sorted(p.name for p in (tmp_path / graph_dir).iterdir())
-        assert files == ["graph_after.py", "graph_before.py", "report.json", "report.txt", "repro.py"]
+        assert files == ["graph_after.py", "graph_before.py", "report.json", "report.png", "report.txt", "repro.py"]
         after = (tmp_path / graph_dir / "graph_after.py").read_text()
-        assert after.count("torch.ops.rtlynx.sparse_matmul.default(") == 4
+        assert after.count("torch.ops.rtlynx.sparse_matmul.default(") == rewrites
         assert "torch.ops.aten.addmm" in (tmp_path / graph_dir / "graph_before.py").read_text()
+    assert (tmp_path / "graph_003" / "report.png").read_bytes().startswith(b"\x89PNG")
     repro = subprocess.run([sys.executable, str(tmp_path / "graph_000" / "repro.py")], capture_output=True, text=True,
                            timeout=300)
     assert repro.returncode == 0, repro.stderr
     assert repro.stdout.splitlines() == ["(2, 16, 32) torch.float32 finite"]
     combined = json.loads((tmp_path / "report.json").read_text())
-    assert len(combined["nodes"]) == 8 and len(combined["graphs"]) == 2
+    assert len(combined["nodes"]) == 16 and len(combined["graphs"]) == 4
+    assert re.fullmatch(r"reduction dim K=\d+\*s\d+ is dynamic|reduction dim K=s\d+ is dynamic",
+                        combined["graphs"][2]["nodes"][3]["reason"])
     first = combined["nodes"][0]
     cost = {key: first.pop(key) for key in ("est_dense_us", "est_sparse_us", "flops", "flops_saved", "break_even_m")}
     # The reference kernel does dense FLOPs on the expanded tile: the cost model says it never pays.
