@@ -45,3 +45,15 @@ def test_torch_trace_holds_graphs_and_report(tmp_path):
     trace = "".join(p.read_text() for p in trace_dir.iterdir())
     for name in ("rtlynx_graph_before", "rtlynx_graph_after", "rtlynx_report"):
         assert f'"name": "{name}"' in trace
+
+
+def test_missing_pydot_gives_a_clear_message_and_no_drawings(caplog, monkeypatch):
+    from lynx_compile.passes.graph_artifacts import region_svgs
+
+    monkeypatch.setitem(sys.modules, "pydot", None)  # as if not installed
+    graph = torch.fx.Graph()
+    node = graph.call_function(torch.ops.aten.relu.default, (graph.placeholder("x"),))
+    with caplog.at_level(logging.INFO, logger="lynx_compile"):
+        assert region_svgs(graph, [node]) == {}
+    assert "no SVG drawings of rewritten regions (install pydot and graphviz: pip install 'lynx-compile[graphs]')" \
+        in caplog.text
