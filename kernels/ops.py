@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import reference
+from . import dense_mode, reference
 from .registry import get_kernel
 
 
@@ -62,6 +62,8 @@ def sparse_matmul(
     bias: Optional[Tensor] = None,
     lr_down: Optional[Tensor] = None,
     lr_up: Optional[Tensor] = None,
+    perm: Optional[Tensor] = None,
+    comp_bias: Optional[Tensor] = None,
     *,
     n: int = 2,
     m: int = 4,
@@ -69,22 +71,39 @@ def sparse_matmul(
     min_tokens: int = 0,
     impl: str = "reference",
 ) -> Tensor:
-    """The fused layer the passes insert: ``s * S(x) @ other + (x @ lr_down) @ lr_up + bias``.
+    """The fused layer the passes insert: ``s * S(xp) @ otherp + (xp @ lr_down) @ lr_up + bias + comp_bias``.
 
-    ``other`` is in matmul layout, (K, N) or (B, K, N): ``weight.t()`` for a linear layer.
-    ``impl`` names the kernel (see ``registry``); the passes resolve "auto" before inserting the op.
+    ``other`` is in matmul layout, (K, N) or (B, K, N): ``weight.t()`` for a linear layer. With a
+    channel permutation ``perm`` (int64, K), the groups of M are formed over ``xp = x[..., perm]``
+    and ``otherp = other[..., perm, :]``, which leaves the dense product unchanged. ``comp_bias``
+    (fp32, N) is a calibrated bias correction of the sparse path.
+
+    The exact dense ``x @ other + bias`` runs instead when ``x`` has fewer than ``min_tokens`` rows, or
+    inside ``lynx_compile.run_dense()`` (dense denoising steps): both are decided here, at run time,
+    so switching never recompiles. ``impl`` names the kernel (see ``registry``).
     """
-    run = get_kernel(impl).run
-    return run(x, other, bias, lr_down, lr_up, n=n, m=m, norm_comp=norm_comp, min_tokens=min_tokens)
+    reference.check_sparse_matmul_args(x, other, bias, lr_down, lr_up, n, m)
+    if x.shape[-2] < min_tokens or dense_mode.active():
+        return reference.dense_matmul(x, other, bias)
+    if perm is not None:
+        x, other = x.index_select(-1, perm), other.index_select(-2, perm)
+    if comp_bias is not None:
+        bias = ((bias.float() if bias is not None else 0.0) + comp_bias).to(x.dtype)
+    return get_kernel(impl).run(x, other, bias, lr_down, lr_up, n=n, m=m, norm_comp=norm_comp)
 
 
 @sparse_matmul.register_fake
-def _sparse_matmul_fake(x, other, bias=None, lr_down=None, lr_up=None, *, n=2, m=4, norm_comp=True,
-                        min_tokens=0, impl="reference"):
+def _sparse_matmul_fake(x, other, bias=None, lr_down=None, lr_up=None, perm=None, comp_bias=None, *, n=2, m=4,
+                        norm_comp=True, min_tokens=0, impl="reference"):
     reference.check_pattern(n, m)
     reference.check_operand(x, m)
     reference.check_operand(other, 1, "other")
     reference.check_same_dtype(x, other=other, bias=bias)
     reference.check_reduction_dims(x, other, x.shape[-1])
+    if perm is not None and (perm.dtype != torch.int64 or tuple(perm.shape) != (x.shape[-1],)):
+        raise ValueError(f"perm must be int64 of shape (K={x.shape[-1]},), got {perm.dtype} {tuple(perm.shape)}")
+    if comp_bias is not None and (comp_bias.dtype != torch.float32 or tuple(comp_bias.shape) != (other.shape[-1],)):
+        raise ValueError(f"comp_bias must be float32 of shape (N={other.shape[-1]},), got {comp_bias.dtype} "
+                         f"{tuple(comp_bias.shape)}")
     get_kernel(impl)
     return x.new_empty(*_batch_shape(x, other), x.shape[-2], other.shape[-1])

@@ -87,6 +87,20 @@ def _finish(lynx_pass: LynxPass, config: LynxConfig, graph_index: int) -> None:
         log.info("rtlynx graph %d: dump written to %s", graph_index, where)
 
 
+def load_plan(config: LynxConfig):
+    """The calibration plan named by ``options["plan"]``, checked against the options; None without one."""
+    if config.plan is None:
+        return None
+    from .plan import Plan
+
+    plan = Plan.load(config.plan)
+    if (plan.pattern, plan.norm_comp) != (config.pattern, config.norm_comp):
+        raise ValueError(f"plan {config.plan} was calibrated for pattern {plan.pattern!r} with norm_comp="
+                         f"{plan.norm_comp}, but the options say pattern {config.pattern!r} with norm_comp="
+                         f"{config.norm_comp}; compile with the plan's settings or calibrate again")
+    return plan
+
+
 def rtlynx(gm: fx.GraphModule, example_inputs, *, mode: str | None = None,
            options: Mapping[str, Any] | LynxConfig | None = None):
     """``torch.compile(model, backend="rtlynx", options={...})``: N:M activation-sparse GEMMs."""
@@ -96,7 +110,7 @@ def rtlynx(gm: fx.GraphModule, example_inputs, *, mode: str | None = None,
     mode = config.mode if mode in (None, "default") else mode
     graph_index = next(_graph_counter)
     param_inputs = frozenset(i for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter))
-    lynx_pass = LynxPass(config, graph_index, param_inputs)
+    lynx_pass = LynxPass(config, graph_index, param_inputs, load_plan(config))
     if config.inner == "eager":
         compiled = _compile_eager(gm, example_inputs, lynx_pass)
     else:

@@ -6,7 +6,9 @@ X (tokens x K) and of what the N:M sparsification drops, ``D = X - s*S(X)``:
 
     tokens, sum(X), X^T X, sum(D), X^T D,  ||Y||^2, ||D0 W^T||^2, ||D W^T||^2
 
-(``D0 = X - S(X)`` is the selection without norm compensation). Activations are never stored.
+(``D0 = X - S(X)`` is the selection without norm compensation). Activations are never stored;
+each layer of a pass holds two K x K float64 matrices (three with ``permutation``), so for large
+models ``layers_per_pass`` splits the layers over several replays of the calibration inputs.
 From these it fits, without training:
 
 * **bias correction** ``bias_delta = mean(D) W^T``: the mean of the dropped output, folded into b;
@@ -278,7 +280,8 @@ class _LayerStats:
             self.tt_plain_p = self.tt_p = 0.0
 
     def _dropped(self, x: Tensor, weight: Tensor):
-        """(D0 W^T energy, D W^T energy, D) for rows x: D = x - s*S(x) (s = 1 without norm_comp)."""
+        """(||D0 W^T||^2, ||Ds W^T||^2, D, x W^T) for rows x, with D0 = x - S(x), Ds = x - s*S(x) and
+        D the one the options select (Ds with norm_comp, else D0)."""
         values, indices, scale = reference.compress(x, self.n, self.m, True)
         kept = reference.decompress(values, indices, self.n, self.m).double()
         x64 = x.double()

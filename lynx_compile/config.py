@@ -51,6 +51,7 @@ class LynxConfig:
     mode: str | None = None
     inductor_config: tuple[tuple[str, Any], ...] = ()
     dump_dir: str | None = None
+    plan: str | None = None
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -122,6 +123,10 @@ def _normalise(key: str, value: Any) -> Any:
     if key == "dump_dir":
         if value is not None and not isinstance(value, (str, os.PathLike)):
             raise ValueError(f"option 'dump_dir' must be a path or None, got {value!r}")
+        return None if value is None else os.fspath(value)
+    if key == "plan":
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise ValueError(f"option 'plan' must be the path of a saved calibration plan (Plan.save), got {value!r}")
         return None if value is None else os.fspath(value)
     if key == "inductor_config":
         if not isinstance(value, Mapping):

@@ -50,14 +50,17 @@ def explain(model, *args, options=None, **kwargs) -> Explanation:
     from torch._dynamo.backends.common import aot_autograd
     from torch._inductor.decomposition import select_decomp_table
 
+    from .backend import load_plan
+
     config = LynxConfig.from_options({**(options or {}), "dump_dir": None})
+    plan = load_plan(config)
     explanation = Explanation()
 
     def backend(gm, example_inputs):
         params = frozenset(i for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter))
 
         def forward_compiler(fw_gm, _inputs):
-            lynx_pass = LynxPass(config, len(explanation.graphs), params)
+            lynx_pass = LynxPass(config, len(explanation.graphs), params, plan)
             lynx_pass(_copy(fw_gm).graph)
             explanation.graphs.append(lynx_pass.report)
             return fw_gm

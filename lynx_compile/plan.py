@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import hashlib
 import json
 import math
 import os
@@ -199,6 +200,15 @@ class Plan:
                 "norm_comp": self.norm_comp, "min_tokens": self.min_tokens, "options": self.options,
                 "output_error": self.output_error,
                 "layers": {p: lp.to_json() for p, lp in self.layers.items()}}
+
+    def digest(self) -> str:
+        """A hash of every decision and tensor: part of Inductor's cache key when a plan is compiled in."""
+        h = hashlib.sha256(json.dumps(self.to_json(), sort_keys=True, default=str).encode())
+        for p, lp in sorted(self.layers.items()):
+            for name, t in sorted(lp.tensors().items()):
+                h.update(f"{p}.{name}:{t.dtype}:{tuple(t.shape)}".encode())
+                h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``path/plan.json`` and ``path/tensors.safetensors`` (the folder is created)."""

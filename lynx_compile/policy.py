@@ -17,6 +17,21 @@ from .kernels.reference import SUPPORTED_DTYPES
 SUPPORTED_DEVICES = ("cpu", "cuda")
 
 
+class PlanMismatchError(ValueError):
+    """The calibration plan does not fit the graph (another model, or other layer shapes)."""
+
+
+def plan_layer_for(site, plan):
+    """The plan's entry for this GEMM (checked against its shape), or None when the plan has none."""
+    if plan is None or site.kind != "linear" or site.module_path not in plan.layers:
+        return None
+    layer = plan.layers[site.module_path]
+    if (layer.in_features, layer.out_features) != (site.k, site.n):
+        raise PlanMismatchError(f"plan layer {site.module_path!r} has K={layer.in_features}, N={layer.out_features} "
+                                f"but the model's GEMM has K={site.k}, N={site.n}: the plan is for another model")
+    return layer
+
+
 class KernelUnavailableError(ValueError):
     """A forced ``kernel`` option cannot run a GEMM on this device, dtype or shape."""
 
@@ -30,6 +45,7 @@ class Decision:
     runtime_guard: bool = False  # M is symbolic: the op itself falls back to dense below min_tokens
     min_tokens: int = 0          # the threshold the op applies at run time
     cost: dict | None = None     # cost-model estimates at this M (see cost_model.GemmCost.at)
+    plan_layer: object = None    # the calibration plan's LayerPlan for this GEMM, if any
 
 
 def _is_static(value) -> bool:
@@ -92,10 +108,13 @@ def resolve_kernel(config: LynxConfig, problem: registry.Problem) -> tuple[str, 
     return "", "no kernel can run it (" + "; ".join(passed_over) + ")"
 
 
-def decide(site, config: LynxConfig) -> Decision:
-    """Apply the options and the op's limits to one ``GemmSite`` in a fixed, documented order."""
+def decide(site, config: LynxConfig, plan=None) -> Decision:
+    """Apply the options, the plan and the op's limits to one ``GemmSite`` in a fixed, documented order."""
     if config.nm is None:
         return Decision(False, "pattern is 'dense'")
+    layer = plan_layer_for(site, plan)
+    if layer is not None and not layer.sparse:
+        return Decision(False, f"plan keeps it dense: {layer.reason}")
     n, m = config.nm
     if site.kind not in config.op_kinds:
         return Decision(False, f"op kind {site.kind!r} not in op_kinds {list(config.op_kinds)}")
@@ -134,5 +153,5 @@ def decide(site, config: LynxConfig) -> Decision:
         if _is_static(site.m) and site.m < break_even:
             return Decision(False, f"M={site.m} tokens < break-even M={break_even} for {where}", cost=cost)
         min_tokens = break_even
-    return Decision(True, kernel=kernel, kernel_reason=reason, min_tokens=min_tokens, cost=cost,
+    return Decision(True, kernel=kernel, kernel_reason=reason, min_tokens=min_tokens, cost=cost, plan_layer=layer,
                     runtime_guard=not _is_static(site.m) and min_tokens > 0)

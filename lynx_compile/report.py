@@ -10,6 +10,22 @@ from pathlib import Path
 from tabulate import tabulate
 
 
+def _compensation(decision, config) -> str:
+    """E.g. ``norm+low-rank(r=8)+bias+perm``: what corrects this GEMM's sparsification error."""
+    if not decision.rewrite:
+        return ""
+    parts = ["norm"] if config.norm_comp else []
+    layer = decision.plan_layer
+    if layer is not None:
+        if layer.lr_down is not None:
+            parts.append(f"low-rank(r={layer.lr_down.shape[1]})")
+        if layer.bias_delta is not None:
+            parts.append("bias")
+        if layer.perm is not None:
+            parts.append("perm")
+    return "+".join(parts) or "none"
+
+
 def _us(value) -> str:
     return "" if value is None else f"{value:.1f}"
 
@@ -44,6 +60,9 @@ class GemmRecord:
     flops: int | None = None
     flops_saved: int | None = None
     break_even_m: object = None
+    # With a calibration plan: what compensates this layer, and the plan's measured relative errors.
+    compensation: str = ""
+    plan_errors: dict | None = None
 
     @classmethod
     def from_decision(cls, site, decision, config, cost: dict | None = None) -> "GemmRecord":
@@ -57,7 +76,8 @@ class GemmRecord:
             kernel_reason=decision.kernel_reason, runtime_guard=decision.runtime_guard,
             min_tokens=decision.min_tokens, est_dense_us=cost.get("dense_us"), est_sparse_us=cost.get("sparse_us"),
             flops=cost.get("flops"), flops_saved=cost.get("flops_saved") if decision.rewrite else 0,
-            break_even_m=cost.get("break_even_m"),
+            break_even_m=cost.get("break_even_m"), compensation=_compensation(decision, config),
+            plan_errors=dict(decision.plan_layer.errors) if decision.plan_layer is not None else None,
         )
 
 
@@ -95,11 +115,12 @@ class GraphReport:
     def table(self) -> str:
         rows = [
             [r.name, r.op, r.kind, "x".join(map(str, r.shape)), r.dtype, "yes" if r.rewritten else "no",
-             r.pattern, r.kernel, _us(r.est_dense_us), _us(r.est_sparse_us) if r.rewritten else "",
+             r.pattern, r.kernel, r.compensation, _us(r.est_dense_us), _us(r.est_sparse_us) if r.rewritten else "",
              r.break_even_m if r.break_even_m is not None else "", r.reason]
             for r in self.records
         ]
-        headers = ["layer", "op", "kind", "MxKxN", "dtype", "rewritten", "pattern", "kernel", "dense us", "sparse us",
+        headers = ["layer", "op", "kind", "MxKxN", "dtype", "rewritten", "pattern", "kernel", "compensation",
+                   "dense us", "sparse us",
                    "break-even M", "reason"]
         totals = self.totals()
         footer = (f"sparse share of GEMM FLOPs: {totals['sparse_flop_fraction']:.1%}; cost-model GEMM speed-up: "

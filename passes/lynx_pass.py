@@ -39,8 +39,10 @@ def _source_digest() -> str:
 class LynxPass(CustomGraphPass):
     """Rewrites the forward graph in place; ``self.report`` holds the result of the last call."""
 
-    def __init__(self, config: LynxConfig, graph_index: int = 0, param_inputs: frozenset[int] | None = None):
+    def __init__(self, config: LynxConfig, graph_index: int = 0, param_inputs: frozenset[int] | None = None,
+                 plan=None):
         self.config = config
+        self.plan = plan
         self.param_inputs = param_inputs
         self.graph_index = graph_index
         self.report: GraphReport | None = None
@@ -55,7 +57,7 @@ class LynxPass(CustomGraphPass):
             site = as_gemm_site(node, self.param_inputs)
             if site is None:
                 continue
-            decision = decide(site, config)
+            decision = decide(site, config, self.plan)
             cost = decision.cost or estimate(site, config, decision.kernel, break_even=False)[1]
             records.append(GemmRecord.from_decision(site, decision, config, cost))
             log.debug("rtlynx graph %d: %s %s %s -> %s", self.graph_index, site.name, site.op, records[-1].shape,
@@ -63,7 +65,8 @@ class LynxPass(CustomGraphPass):
             if decision.rewrite:
                 n, m = config.nm
                 rewritten.append(rewrite_gemm(graph, site, n=n, m=m, norm_comp=config.norm_comp,
-                                              min_tokens=decision.min_tokens, kernel=decision.kernel))
+                                              min_tokens=decision.min_tokens, kernel=decision.kernel,
+                                              plan_layer=decision.plan_layer))
         graph.lint()
         self.report = GraphReport(self.graph_index, records, config.summary())
         _trace_artifact("rtlynx_graph_after", lambda: readable(graph))
@@ -78,6 +81,7 @@ class LynxPass(CustomGraphPass):
         # dump_dir only changes where files go, and with it set the backend disables caches anyway.
         key = {k: v for k, v in self.config.summary().items() if k != "dump_dir"}
         key["param_inputs"] = sorted(self.param_inputs) if self.param_inputs is not None else None
+        key["plan"] = self.plan.digest() if self.plan is not None else None
         return hashlib.sha256((repr(sorted(key.items())) + _source_digest()).encode()).hexdigest()
 
 
