@@ -52,6 +52,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
+from .config import as_bool, as_regex_tuple, build_options, one_of
 from .kernels import reference
 from .plan import DTYPES, LayerPlan, Plan, dtype_name, planned_forward
 
@@ -87,21 +88,12 @@ class CalibrationConfig:
     def from_options(cls, options: Mapping[str, Any] | "CalibrationConfig" | None = None) -> "CalibrationConfig":
         if isinstance(options, CalibrationConfig):
             return options
-        options = dict(options or {})
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(options) - set(valid))
-        if unknown:
-            raise ValueError(f"unknown option {unknown[0]!r}; valid options: {_choices(valid)}")
-        return cls(**{key: _normalise(key, value) for key, value in options.items()})
+        return build_options(cls, dict(options or {}), _normalise)
 
     def summary(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["include"], out["exclude"] = list(self.include), list(self.exclude)
         return out
-
-
-def _choices(values) -> str:
-    return ", ".join(repr(v) for v in values)
 
 
 def _is_int(value) -> bool:
@@ -110,13 +102,9 @@ def _is_int(value) -> bool:
 
 def _normalise(key: str, value: Any) -> Any:
     if key == "pattern":
-        if value not in PATTERNS:
-            raise ValueError(f"option 'pattern' has invalid value {value!r}; valid choices: {_choices(PATTERNS)}")
-        return value
+        return one_of(key, value, PATTERNS)
     if key in ("norm_comp", "low_rank", "bias_correction", "permutation"):
-        if not isinstance(value, bool):
-            raise ValueError(f"option {key!r} must be True or False, got {value!r}")
-        return value
+        return as_bool(key, value)
     if key == "rank":
         if not _is_int(value) or value < 1:
             raise ValueError(f"option 'rank' must be an integer >= 1, got {value!r}")
@@ -137,15 +125,7 @@ def _normalise(key: str, value: Any) -> Any:
             raise ValueError(f"option {key!r} must be a finite number >= 0{extra}, got {value!r}")
         return None if value is None else float(value)
     if key in ("include", "exclude"):
-        items = (value,) if isinstance(value, str) else value
-        if not isinstance(items, (list, tuple)) or not all(isinstance(s, str) for s in items):
-            raise ValueError(f"option {key!r} must be a regex string or a list of them, got {value!r}")
-        for pattern in items:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ValueError(f"option {key!r}: invalid regex {pattern!r}: {e}") from None
-        return tuple(items)
+        return as_regex_tuple(key, value)
     raise AssertionError(key)
 
 

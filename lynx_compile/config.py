@@ -19,11 +19,27 @@ DUMP_DIR_ENV = "LYNX_DUMP_DIR"
 DEFAULT_MIN_TOKENS = 512
 
 
-def _choices(values) -> str:
+def choices_text(values) -> str:
     return ", ".join(repr(v) for v in values)
 
 
-def _as_regex_tuple(key: str, value: Any) -> tuple[str, ...]:
+def build_options(cls, options: Mapping[str, Any], normalise):
+    """``cls(**options)`` after rejecting unknown keys and normalising each value (shared by every
+    options dataclass, so every one answers bad input the same way)."""
+    valid_keys = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(options) - set(valid_keys))
+    if unknown:
+        raise ValueError(f"unknown option {unknown[0]!r}; valid options: {choices_text(valid_keys)}")
+    return cls(**{key: normalise(key, value) for key, value in options.items()})
+
+
+def as_bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"option {key!r} must be True or False, got {value!r}")
+    return value
+
+
+def as_regex_tuple(key: str, value: Any) -> tuple[str, ...]:
     items = (value,) if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)) or not all(isinstance(s, str) for s in items):
         raise ValueError(f"option {key!r} must be a regex string or a list of them, got {value!r}")
@@ -67,13 +83,9 @@ class LynxConfig:
         if isinstance(options, LynxConfig):
             return options
         options = dict(options or {})
-        valid_keys = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(options) - set(valid_keys))
-        if unknown:
-            raise ValueError(f"unknown option {unknown[0]!r}; valid options: {_choices(valid_keys)}")
         if "dump_dir" not in options and os.environ.get(DUMP_DIR_ENV):
             options["dump_dir"] = os.environ[DUMP_DIR_ENV]
-        return cls(**{key: _normalise(key, value) for key, value in options.items()})
+        return build_options(cls, options, _normalise)
 
     def summary(self) -> dict[str, Any]:
         """The options as plain JSON-able values (for reports)."""
@@ -82,33 +94,31 @@ class LynxConfig:
         return out
 
 
-def _one_of(key: str, value: Any, choices) -> Any:
+def one_of(key: str, value: Any, choices) -> Any:
     if value not in choices:
-        raise ValueError(f"option {key!r} has invalid value {value!r}; valid choices: {_choices(choices)}")
+        raise ValueError(f"option {key!r} has invalid value {value!r}; valid choices: {choices_text(choices)}")
     return value
 
 
 def _normalise(key: str, value: Any) -> Any:
     if key == "pattern":
-        return _one_of(key, value, PATTERNS)
+        return one_of(key, value, PATTERNS)
     if key == "kernel":
-        return _one_of(key, value, KERNELS)
+        return one_of(key, value, KERNELS)
     if key == "inner":
-        return _one_of(key, value, INNER_COMPILERS)
+        return one_of(key, value, INNER_COMPILERS)
     if key == "mode":
-        return _one_of(key, value, MODES)
+        return one_of(key, value, MODES)
     if key == "norm_comp":
-        if not isinstance(value, bool):
-            raise ValueError(f"option 'norm_comp' must be True or False, got {value!r}")
-        return value
+        return as_bool(key, value)
     if key in ("include", "exclude"):
-        return _as_regex_tuple(key, value)
+        return as_regex_tuple(key, value)
     if key == "op_kinds":
         kinds = (value,) if isinstance(value, str) else tuple(value)
         if not kinds:
-            raise ValueError(f"option 'op_kinds' must name at least one of {_choices(OP_KINDS)}")
+            raise ValueError(f"option 'op_kinds' must name at least one of {choices_text(OP_KINDS)}")
         for kind in kinds:
-            _one_of(key, kind, OP_KINDS)
+            one_of(key, kind, OP_KINDS)
         return tuple(k for k in OP_KINDS if k in kinds)
     if key == "min_tokens":
         if value == "auto":
@@ -119,7 +129,7 @@ def _normalise(key: str, value: Any) -> Any:
     if key == "device_profile":
         from .cost_model import PROFILES
 
-        return value if value is None else _one_of(key, value, tuple(PROFILES))
+        return value if value is None else one_of(key, value, tuple(PROFILES))
     if key == "dump_dir":
         if value is not None and not isinstance(value, (str, os.PathLike)):
             raise ValueError(f"option 'dump_dir' must be a path or None, got {value!r}")
