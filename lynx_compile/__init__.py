@@ -11,10 +11,11 @@ from .config import LynxConfig
 from .kernels.dense_mode import DenseSteps, run_dense
 from .plan import LayerPlan, Plan
 from .explain import Explanation, explain
+from .transform import transform
 from .report import GemmRecord, GraphReport, clear_reports, reports
 
 _register_backend()
 
-__all__ = ["rtlynx", "explain", "Explanation", "LynxConfig", "calibrate", "calibration_inputs_from_loop", "refine",
+__all__ = ["rtlynx", "transform", "explain", "Explanation", "LynxConfig", "calibrate", "calibration_inputs_from_loop", "refine",
            "Plan", "LayerPlan", "DenseSteps", "run_dense", "GemmRecord", "GraphReport", "reports", "clear_reports"]
 __version__ = "0.1.0"

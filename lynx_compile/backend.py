@@ -21,6 +21,7 @@ from .log import log
 from .passes.lynx_pass import LynxPass
 
 _graph_counter = itertools.count()
+next_graph_index = _graph_counter.__next__  # one numbering for every graph the passes see
 
 
 def _mode_patches(mode: str | None) -> dict[str, Any]:
@@ -74,17 +75,18 @@ def _compile_eager(gm, example_inputs, lynx_pass: LynxPass):
                         decompositions=select_decomp_table())(gm, example_inputs)
 
 
-def _finish(lynx_pass: LynxPass, config: LynxConfig, graph_index: int) -> None:
+def finish_report(lynx_pass: LynxPass, config: LynxConfig) -> None:
+    """Record, log and (with ``dump_dir``) write what the pass did."""
     report = lynx_pass.report
     if report is None:
         log.info("rtlynx graph %d: loaded from Inductor's cache; the rewrites are those of the cached compile",
-                 graph_index)
+                 lynx_pass.graph_index)
         return
     reports.record(report)
     log.info(report.summary_line())
     if config.dump_dir:
         where = reports.write_dump(report, config.dump_dir)
-        log.info("rtlynx graph %d: dump written to %s", graph_index, where)
+        log.info("rtlynx graph %d: dump written to %s", lynx_pass.graph_index, where)
 
 
 def load_plan(config: LynxConfig):
@@ -108,14 +110,14 @@ def rtlynx(gm: fx.GraphModule, example_inputs, *, mode: str | None = None,
     if mode not in (None, "default") and config.mode not in (None, mode):
         raise ValueError(f"mode given twice with different values: {mode!r} and options['mode']={config.mode!r}")
     mode = config.mode if mode in (None, "default") else mode
-    graph_index = next(_graph_counter)
+    graph_index = next_graph_index()
     param_inputs = frozenset(i for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter))
     lynx_pass = LynxPass(config, graph_index, param_inputs, load_plan(config))
     if config.inner == "eager":
         compiled = _compile_eager(gm, example_inputs, lynx_pass)
     else:
         compiled = _compile_inductor(gm, example_inputs, lynx_pass, config, mode)
-    _finish(lynx_pass, config, graph_index)
+    finish_report(lynx_pass, config)
     return compiled
 
 

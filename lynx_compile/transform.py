@@ -1,0 +1,47 @@
+"""``transform()``: the rtlynx passes outside ``torch.compile``, for ``torch.export`` programs.
+
+An exported program keeps the ``torch.ops.rtlynx.*`` calls; it runs, and reloads in a fresh process,
+once ``import lynx_compile`` has registered the ops.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind
+
+from .backend import finish_report, next_graph_index
+from .config import LynxConfig
+from .passes.lynx_pass import LynxPass
+
+_WEIGHT_KINDS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
+
+
+def transform(program, options=None):
+    """Rewrite the GEMMs of an ``ExportedProgram`` (or of an ATen ``GraphModule``) in place and return it.
+
+    An exported program is first decomposed with Inductor's decomposition table, so its linears take
+    the same ``addmm``/``mm`` forms that the compiled path rewrites.
+    """
+    config = LynxConfig.from_options(options)
+    if config.plan is not None:
+        raise ValueError("transform() does not apply calibration plans yet; compile with "
+                         "torch.compile(..., options={'plan': ...}) instead")
+    if isinstance(program, ExportedProgram):
+        from torch._inductor.decomposition import select_decomp_table
+
+        program = program.run_decompositions(select_decomp_table())
+        specs = program.graph_signature.input_specs
+        params = frozenset(i for i, spec in enumerate(specs) if spec.kind in _WEIGHT_KINDS)
+        gm = program.graph_module
+    elif isinstance(program, fx.GraphModule):
+        gm, params = program, None
+    else:
+        raise TypeError(f"transform() takes a torch.export.ExportedProgram or an fx.GraphModule, got "
+                        f"{type(program).__name__}")
+    lynx_pass = LynxPass(config, next_graph_index(), params)
+    lynx_pass(gm.graph)
+    gm.recompile()
+    finish_report(lynx_pass, config)
+    return program
