@@ -56,6 +56,34 @@ def get_kernel(name: str) -> Kernel:
         raise ValueError(f"unknown kernel {name!r}; registered kernels: {', '.join(_KERNELS)}") from None
 
 
+_SELF_TEST: dict[tuple, str] = {}
+
+
+def self_test(kernel: Kernel, device: torch.device, dtype: torch.dtype, pattern: tuple[int, int]) -> str:
+    """Run the kernel once on small random data against the reference: "" when it agrees, else why.
+
+    Done once per (kernel, device, dtype, pattern) at compile time, so that a kernel that cannot
+    build or run here (a Triton or driver problem) is caught before the graph depends on it.
+    """
+    key = (kernel.name, str(device), dtype, pattern)
+    if kernel.name == "reference":
+        return ""
+    if key not in _SELF_TEST:
+        n, m = pattern
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(32, 16 * m, generator=gen).to(device, dtype)
+        w = torch.randn(16, 16 * m, generator=gen).to(device, dtype)
+        try:
+            got = kernel.run(x, w.t(), None, None, None, n=n, m=m, norm_comp=True).float()
+            expected = reference.sparse_matmul(x, w.t(), n=n, m=m).float()
+            tolerance = 4 * torch.finfo(dtype).eps * expected.abs().max().item() + 1e-6
+            error = (got - expected).abs().max().item()
+            _SELF_TEST[key] = "" if error <= tolerance else f"self-test error {error:.3g} > tolerance {tolerance:.3g}"
+        except Exception as exc:  # any failure to build or run the kernel
+            _SELF_TEST[key] = f"self-test failed: {type(exc).__name__}: {exc}".splitlines()[0]
+    return _SELF_TEST[key]
+
+
 def auto_candidates(device_type: str) -> list[Kernel]:
     return [k for k in _KERNELS.values() if device_type in k.auto_devices]
 

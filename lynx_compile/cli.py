@@ -12,10 +12,11 @@ from tabulate import tabulate
 
 from . import config as config_module
 from .config import LynxConfig
+from .cost_model import PROFILES
 
 _CHOICES = {
     "pattern": config_module.PATTERNS, "op_kinds": config_module.OP_KINDS, "kernel": config_module.KERNELS,
-    "inner": config_module.INNER_COMPILERS, "mode": config_module.MODES,
+    "inner": config_module.INNER_COMPILERS, "mode": config_module.MODES, "device_profile": tuple(PROFILES),
 }
 
 

@@ -68,6 +68,7 @@ class LynxConfig:
     inductor_config: tuple[tuple[str, Any], ...] = ()
     dump_dir: str | None = None
     plan: str | None = None
+    strict: bool = False
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -109,7 +110,7 @@ def _normalise(key: str, value: Any) -> Any:
         return one_of(key, value, INNER_COMPILERS)
     if key == "mode":
         return one_of(key, value, MODES)
-    if key == "norm_comp":
+    if key in ("norm_comp", "strict"):
         return as_bool(key, value)
     if key in ("include", "exclude"):
         return as_regex_tuple(key, value)

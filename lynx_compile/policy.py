@@ -11,6 +11,7 @@ import torch
 
 from . import cost_model
 from .config import LynxConfig
+from .log import log
 from .kernels import registry
 from .kernels.reference import SUPPORTED_DTYPES
 
@@ -30,6 +31,10 @@ def plan_layer_for(site, plan):
         raise PlanMismatchError(f"plan layer {site.module_path!r} has K={layer.in_features}, N={layer.out_features} "
                                 f"but the model's GEMM has K={site.k}, N={site.n}: the plan is for another model")
     return layer
+
+
+class KernelFailedError(RuntimeError):
+    """With ``strict=True``: a kernel chosen for a GEMM failed its compile-time self-test."""
 
 
 class KernelUnavailableError(ValueError):
@@ -143,6 +148,13 @@ def decide(site, config: LynxConfig, plan=None) -> Decision:
         raise KernelUnavailableError(f"{site.name} ({site.op}, MxKxN={site.m}x{site.k}x{site.n}): {error}") from None
     if not kernel:
         return Decision(False, reason)
+    failure = registry.self_test(registry.get_kernel(kernel), site.device, site.dtype, (n, m))
+    if failure:
+        message = f"kernel {kernel!r} failed on {site.device}: {failure}"
+        if config.strict:
+            raise KernelFailedError(f"{site.name}: {message} (strict=True)")
+        log.warning("rtlynx: %s keeps %s dense", message, site.name)
+        return Decision(False, message + "; kept dense")
     _, cost, profile = estimate(site, config, kernel)
     min_tokens = config.min_tokens
     if min_tokens == "auto":
