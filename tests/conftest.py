@@ -1,5 +1,7 @@
 import glob
 import os
+import sys
+from pathlib import Path
 
 # Triton reads TRITON_INTERPRET once, when first imported (torch._dynamo imports it), so the CPU
 # interpreter is chosen here, before torch, and only where no NVIDIA GPU could use real kernels.
@@ -22,3 +24,8 @@ def fresh_compile_state(tmp_path, monkeypatch):
     with torch._inductor.config.patch(force_disable_caches=True):
         yield
     torch._dynamo.reset()
+
+
+def pytest_configure(config):
+    """benchmarks/ scripts are importable by the tests that smoke-test them."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
