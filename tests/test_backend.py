@@ -207,3 +207,23 @@ def test_symbolic_tokens_get_a_runtime_guard_and_small_m_runs_dense():
     (report,) = lynx_compile.reports()  # one graph serves both sizes
     (record,) = report.records
     assert record.rewritten and record.runtime_guard and isinstance(record.shape[0], str)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_match_the_reference_op_model(dtype):
+    from unittest import mock
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64)).to(dtype).eval()
+    x = torch.randn(4, 32, 64, dtype=dtype)
+    out = torch.compile(model, backend="rtlynx", options={"min_tokens": 0})(x)
+    assert out.dtype == dtype and lynx_compile.reports()[-1].num_rewritten == 2
+
+    def reference_linear(self, inp):
+        return torch.ops.rtlynx.sparse_matmul(inp, self.weight.t(), self.bias, n=2, m=4)
+
+    torch._dynamo.reset()
+    with mock.patch.object(nn.Linear, "forward", reference_linear):
+        expected = torch.compile(model, backend="inductor")(x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
