@@ -1,6 +1,7 @@
 """2:4 sparse tensor cores through cuSPARSELt, with the activation X as the sparse *first* operand.
 
-The route is unfused: compress (Triton when it can run, else the reference) -> pruned dense X ->
+The route is unfused: one Triton pass writes the pruned dense X and the scale (the reference where
+Triton cannot run) ->
 ``torch._cslt_compress`` -> ``torch._cslt_sparse_mm`` -> fp32 epilogue (per-token scale, low-rank
 term, bias) in PyTorch. It is the hardware baseline the fused kernel (issue 8) must beat, and what
 ``kernel="auto"`` picks on CUDA until then.
@@ -76,15 +77,14 @@ def _verified_alg_id(packed: torch.Tensor, pruned: torch.Tensor, dense: torch.Te
                        f"({pruned.dtype}) with alg_ids {sorted(set(candidates))}; use kernel='triton' or 'reference'")
 
 
-def _compress(x2d: torch.Tensor, n: int, m: int, norm_comp: bool):
-    try:
-        from . import triton_compress
+def _prune(x2d: torch.Tensor, n: int, m: int, norm_comp: bool):
+    """(x with dropped values zeroed, scale): one Triton pass where Triton runs, else the reference."""
+    from . import triton_compress
 
-        if not triton_compress.triton_unavailable_reason(x2d.device.type):
-            return triton_compress.compress(x2d, n, m, norm_comp)
-    except ImportError:
-        pass
-    return reference.compress(x2d, n, m, norm_comp)
+    if not triton_compress.triton_unavailable_reason(x2d.device.type):
+        return triton_compress.prune(x2d, n, m, norm_comp)
+    values, indices, scale = reference.compress(x2d, n, m, norm_comp)
+    return reference.decompress(values, indices, n, m), scale
 
 
 def sparse_matmul(x, other, bias=None, lr_down=None, lr_up=None, *, n: int, m: int, norm_comp: bool = True,
@@ -97,8 +97,8 @@ def sparse_matmul(x, other, bias=None, lr_down=None, lr_up=None, *, n: int, m: i
         return reference.dense_matmul(x, other, bias)
     k, n_out = other.shape
     x2d = x.reshape(-1, k)
-    values, indices, scale = _compress(x2d, n, m, norm_comp)
-    pruned = _pad_to(reference.decompress(values, indices, n, m), SPARSE_ALIGN, SPARSE_ALIGN)
+    pruned, scale = _prune(x2d, n, m, norm_comp)
+    pruned = _pad_to(pruned, SPARSE_ALIGN, SPARSE_ALIGN)
     dense = _pad_to(other, SPARSE_ALIGN, DENSE_ALIGN).contiguous()
     packed = torch._cslt_compress(pruned)
     y = torch._cslt_sparse_mm(packed, dense, alg_id=_verified_alg_id(packed, pruned, dense))

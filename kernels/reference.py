@@ -135,9 +135,11 @@ def decompress(values: torch.Tensor, indices: torch.Tensor, n: int, m: int) -> t
     if values.shape[-1] % n != 0:
         raise ValueError(f"compressed dim {values.shape[-1]} is not a multiple of N={n}")
     g = values.shape[-1] // n
-    dense = values.new_zeros(*values.shape[:-1], g, m)
-    dense.scatter_(-1, indices.reshape(*values.shape[:-1], g, n).long(), values.reshape(*values.shape[:-1], g, n))
-    return dense.reshape(*values.shape[:-1], g * m)
+    # On the raw bits, like _gather_bits: CPU scatter canonicalises bf16 NaNs.
+    bits = values.view(_SAME_WIDTH_INT[values.element_size()])
+    dense = bits.new_zeros(*values.shape[:-1], g, m)
+    dense.scatter_(-1, indices.reshape(*values.shape[:-1], g, n).long(), bits.reshape(*values.shape[:-1], g, n))
+    return dense.reshape(*values.shape[:-1], g * m).view(values.dtype)
 
 
 def sparse_mm(values, indices, scale, other, bias=None, *, n: int, m: int) -> torch.Tensor:

@@ -74,9 +74,13 @@ if tl is not None:
         x_ptr, perm_ptr, val_ptr, idx_ptr, scale_ptr,
         R, G, stride_xr, stride_xk,
         N: tl.constexpr, M: tl.constexpr, HAS_PERM: tl.constexpr, NORM_COMP: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
+        PRUNED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
     ):
-        """One program compresses BLOCK_R rows, walking K in blocks of BLOCK_G groups."""
+        """One program compresses BLOCK_R rows, walking K in blocks of BLOCK_G groups.
+
+        With PRUNED, ``val_ptr`` is a dense (R, G*M) output that receives x with the dropped values
+        zeroed (the layout ``torch._cslt_compress`` packs), and ``idx_ptr`` is unused.
+        """
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         r3 = rows.to(tl.int64)[:, None, None]                       # [BR, 1, 1]
         g_in_block = tl.arange(0, BLOCK_G)[None, :, None]           # [1, BG, 1]
@@ -108,10 +112,13 @@ if tl is not None:
             keep = rank < N
             keep_i = keep.to(tl.int32)
             slot = tl.cumsum(keep_i, axis=2) - keep_i               # kept elements before this one
-            out = r3 * (G * N) + g * N + slot
-            store = mask & keep
-            tl.store(val_ptr + out, x, mask=store)
-            tl.store(idx_ptr + out, (j + tl.zeros_like(slot)).to(tl.uint8), mask=store)
+            if PRUNED:
+                tl.store(val_ptr + r3 * (G * M) + k, tl.where(keep, x, tl.zeros_like(x)), mask=mask)
+            else:
+                out = r3 * (G * N) + g * N + slot
+                store = mask & keep
+                tl.store(val_ptr + out, x, mask=store)
+                tl.store(idx_ptr + out, (j + tl.zeros_like(slot)).to(tl.uint8), mask=store)
 
             if NORM_COMP:
                 finite = mag <= 3.4028234663852886e38               # FLT_MAX: False for NaN and Inf
@@ -208,6 +215,27 @@ def compress(
     K columns); they are rounded to powers of two and capped by the problem size. x is read in
     place when its leading dims fold into rows (any row stride, any column stride).
     """
+    values, indices, scale = _launch(x, n, m, norm_comp, perm, block_rows, block_k, pruned=False)
+    return values, indices, scale
+
+
+def prune(
+    x: torch.Tensor,
+    n: int,
+    m: int,
+    norm_comp: bool = True,
+    perm: torch.Tensor | None = None,
+    *,
+    block_rows: int = DEFAULT_BLOCK_ROWS,
+    block_k: int = DEFAULT_BLOCK_K,
+):
+    """``(decompress(compress(x)), scale)`` in one pass: x with the dropped values zeroed, and the
+    per-row scale. It is the dense 2:4 layout that ``torch._cslt_compress`` packs for cuSPARSELt."""
+    pruned, _, scale = _launch(x, n, m, norm_comp, perm, block_rows, block_k, pruned=True)
+    return pruned, scale
+
+
+def _launch(x, n, m, norm_comp, perm, block_rows, block_k, *, pruned: bool):
     reference.check_pattern(n, m)
     reference.check_operand(x, m)
     if perm is not None:
@@ -216,8 +244,9 @@ def compress(
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(math.prod(lead), k)
     rows, groups = x2.shape[0], k // m
-    values = new_output((rows, groups * n), x.dtype, x.device)
-    indices = new_output((rows, groups * n), torch.uint8, x.device)
+    width = groups * m if pruned else groups * n
+    values = new_output((rows, width), x.dtype, x.device)
+    indices = values if pruned else new_output((rows, width), torch.uint8, x.device)
     scale = new_output((rows,), torch.float32, x.device)
     if rows:
         block_r = pow2_block(rows, block_rows)
@@ -225,8 +254,7 @@ def compress(
         _compress_kernel[(triton.cdiv(rows, block_r),)](
             x2, perm if perm is not None else x2, values, indices, scale,
             rows, groups, x2.stride(0), x2.stride(1),
-            N=n, M=m, HAS_PERM=perm is not None, NORM_COMP=bool(norm_comp),
+            N=n, M=m, HAS_PERM=perm is not None, NORM_COMP=bool(norm_comp), PRUNED=pruned,
             BLOCK_R=block_r, BLOCK_G=block_g,
         )
-    kc = groups * n
-    return values.reshape(*lead, kc), indices.reshape(*lead, kc), scale.reshape(lead)
+    return values.reshape(*lead, width), indices.reshape(*lead, width), scale.reshape(lead)

@@ -276,3 +276,18 @@ def test_import_without_triton():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "triton is not installed" in out.stdout
+
+
+# -------------------------------------------------------------------------------- pruned layout
+
+@pytest.mark.parametrize("n, m", PATTERNS, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+def test_prune_writes_the_dense_layout_cusparselt_packs(n, m, dtype):
+    x = special_rows(24, 40 * m, dtype)
+    perm = torch.randperm(x.shape[-1])
+    for p in (None, perm):
+        pruned, scale = tc.prune(x, n, m, True, p, block_rows=8, block_k=64)
+        values, indices, expected_scale = reference.compress(x if p is None else x[..., p], n, m, True)
+        expected = reference.decompress(values, indices, n, m)
+        assert torch.equal(bits(pruned), bits(expected))  # kept bits exact, dropped ones +0.0
+        torch.testing.assert_close(scale, expected_scale, rtol=1e-6, atol=0)
