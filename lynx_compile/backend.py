@@ -8,7 +8,6 @@ the same decomposed graph and executes it op by op, for debugging.
 
 from __future__ import annotations
 
-import functools
 import itertools
 from typing import Any, Mapping
 
@@ -33,8 +32,8 @@ def _mode_patches(mode: str | None) -> dict[str, Any]:
     return dict(list_mode_options(mode))
 
 
-def _inner_compile(lynx_pass: LynxPass, gm: fx.GraphModule, example_inputs, **kwargs):
-    """Inductor's compile_fx_inner with our pass on forward graphs only.
+def _inner_compile(gm: fx.GraphModule, example_inputs, **kwargs):
+    """Inductor's compile_fx_inner, without our pass on backward graphs.
 
     The backward graph (training) keeps its dense GEMMs: gradients are those of the dense layers
     evaluated at the same saved activations, i.e. a straight-through estimator.
@@ -42,9 +41,10 @@ def _inner_compile(lynx_pass: LynxPass, gm: fx.GraphModule, example_inputs, **kw
     from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import compile_fx_inner
 
-    custom_pass = None if kwargs.get("is_backward") else lynx_pass
-    with inductor_config.patch(post_grad_custom_post_pass=custom_pass):
-        return compile_fx_inner(gm, example_inputs, **kwargs)
+    if kwargs.get("is_backward"):
+        with inductor_config.patch(post_grad_custom_post_pass=None):
+            return compile_fx_inner(gm, example_inputs, **kwargs)
+    return compile_fx_inner(gm, example_inputs, **kwargs)
 
 
 def _compile_inductor(gm, example_inputs, lynx_pass: LynxPass, config: LynxConfig, mode):
@@ -52,11 +52,14 @@ def _compile_inductor(gm, example_inputs, lynx_pass: LynxPass, config: LynxConfi
 
     patches = _mode_patches(mode)
     patches.update(dict(config.inductor_config))
+    # Set for the whole compile, so that every cache key (AOTAutograd's and the FX graph cache's)
+    # holds the pass's uuid: a graph compiled without our pass, or with other options, never
+    # answers for this one.
+    patches["post_grad_custom_post_pass"] = lynx_pass
     if config.dump_dir:
         # A cache hit skips post-grad passes, and with them the dumps the user asked for.
         patches["force_disable_caches"] = True
-    return compile_fx(gm, example_inputs, inner_compile=functools.partial(_inner_compile, lynx_pass),
-                      config_patches=patches)
+    return compile_fx(gm, example_inputs, inner_compile=_inner_compile, config_patches=patches)
 
 
 def _compile_eager(gm, example_inputs, lynx_pass: LynxPass):

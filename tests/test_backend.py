@@ -158,6 +158,9 @@ def test_mode_is_passed_to_inductor_as_inductor_maps_it(monkeypatch, how):
         torch.compile(model, backend="rtlynx", mode="max-autotune")(x)
     else:
         torch.compile(model, backend="rtlynx", options={"mode": "max-autotune"})(x)
+    from lynx_compile.passes.lynx_pass import LynxPass
+
+    assert isinstance(seen.pop("post_grad_custom_post_pass"), LynxPass)  # in every cache key
     assert seen == dict(list_mode_options("max-autotune"))
 
 
