@@ -27,3 +27,18 @@ def test_bad_arguments_are_clear_errors():
         bench_linear.parse_shapes("64x64")
     with pytest.raises(SystemExit, match="bench_linear: unknown route 'fused'; routes: dense, naive_cslt"):
         bench_linear.main(["--device", "cpu", "--routes", "fused"])
+
+
+@pytest.mark.slow
+def test_bench_dit_cpu_smoke_run(tmp_path, capsys):
+    import bench_dit
+
+    assert bench_dit.main(["--device", "cpu", "--tiny", "--dtype", "float32", "--iters", "2",
+                           "--options", '{"min_tokens": 0}', "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("bench_dit_cpu_*.json")
+    result = json.loads(path.read_text())
+    assert (result["image_tokens"], result["text_tokens"], result["batch"], result["cuda_graphs"]) == (64, 16, 2, False)
+    lynx = result["rtlynx"]
+    assert lynx["graphs"] == 1 and lynx["rewritten"] == lynx["gemms"] > 0
+    assert 0 < lynx["rel_l2_vs_inductor"] < 10 and result["inductor"]["forward_ms"] > 0
+    assert "GEMMs rewritten" in capsys.readouterr().out
