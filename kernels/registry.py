@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from . import cusparselt, reference, triton_sparse_mm
 
@@ -69,19 +70,25 @@ def self_test(kernel: Kernel, device: torch.device, dtype: torch.dtype, pattern:
     if kernel.name == "reference":
         return ""
     if key not in _SELF_TEST:
-        n, m = pattern
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(32, 16 * m, generator=gen).to(device, dtype)
-        w = torch.randn(16, 16 * m, generator=gen).to(device, dtype)
-        try:
-            got = kernel.run(x, w.t(), None, None, None, n=n, m=m, norm_comp=True).float()
-            expected = reference.sparse_matmul(x, w.t(), n=n, m=m).float()
-            tolerance = 4 * torch.finfo(dtype).eps * expected.abs().max().item() + 1e-6
-            error = (got - expected).abs().max().item()
-            _SELF_TEST[key] = "" if error <= tolerance else f"self-test error {error:.3g} > tolerance {tolerance:.3g}"
-        except Exception as exc:  # any failure to build or run the kernel
-            _SELF_TEST[key] = f"self-test failed: {type(exc).__name__}: {exc}".splitlines()[0]
+        # Passes run inside the compile's FakeTensorMode: the self-test needs real tensors.
+        with unset_fake_temporarily():
+            _SELF_TEST[key] = _run_self_test(kernel, device, dtype, pattern)
     return _SELF_TEST[key]
+
+
+def _run_self_test(kernel: Kernel, device, dtype, pattern) -> str:
+    n, m = pattern
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 16 * m, generator=gen).to(device, dtype)
+    w = torch.randn(16, 16 * m, generator=gen).to(device, dtype)
+    try:
+        got = kernel.run(x, w.t(), None, None, None, n=n, m=m, norm_comp=True).float()
+        expected = reference.sparse_matmul(x, w.t(), n=n, m=m).float()
+        tolerance = 4 * torch.finfo(dtype).eps * expected.abs().max().item() + 1e-6
+        error = (got - expected).abs().max().item()
+        return "" if error <= tolerance else f"self-test error {error:.3g} > tolerance {tolerance:.3g}"
+    except Exception as exc:  # any failure to build or run the kernel
+        return f"self-test failed: {type(exc).__name__}: {exc}".splitlines()[0]
 
 
 def auto_candidates(device_type: str) -> list[Kernel]:

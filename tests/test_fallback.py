@@ -60,3 +60,15 @@ def test_wrong_results_fail_the_self_test(monkeypatch):
                                 run=lambda x, other, *a, **k: torch.matmul(x, other))  # forgets the sparsity
     assert re.fullmatch(r"self-test error \S+ > tolerance \S+", registry.self_test(wrong, torch.device("cpu"),
                                                                                       torch.float32, (2, 4)))
+
+
+@torch.no_grad()
+def test_self_test_runs_on_real_tensors_inside_the_compile(monkeypatch):
+    # Passes run under the compile's FakeTensorMode (inner="eager", explain()): the self-test must not.
+    monkeypatch.setattr(registry, "_SELF_TEST", {})
+    torch.manual_seed(0)
+    layer, x = nn.Linear(64, 32), torch.randn(40, 64)
+    torch.compile(layer, backend="rtlynx", options={"min_tokens": 0, "kernel": "triton", "inner": "eager"})(x)
+    (record,) = lynx_compile.reports()[-1].records
+    assert (record.rewritten, record.kernel, record.reason) == (True, "triton", "")
+    assert registry._SELF_TEST == {("triton", "cpu", torch.float32, (2, 4)): ""}
