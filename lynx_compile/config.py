@@ -142,5 +142,11 @@ def _normalise(key: str, value: Any) -> Any:
     if key == "inductor_config":
         if not isinstance(value, Mapping):
             raise ValueError(f"option 'inductor_config' must be a dict of Inductor config keys, got {value!r}")
+        from torch._inductor import config as inductor_config
+
+        known = getattr(inductor_config, "_config", None)
+        for name in value:
+            if known is not None and name not in known:
+                raise ValueError(f"option 'inductor_config': {name!r} is not a torch._inductor.config key")
         return tuple(sorted(value.items()))
     raise AssertionError(key)

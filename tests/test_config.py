@@ -17,9 +17,10 @@ def test_defaults():
 
 
 def test_frozen_and_hashable():
-    config = LynxConfig.from_options({"include": ["blocks"], "op_kinds": "linear", "inductor_config": {"a": 1}})
+    inductor = {"max_autotune": False}
+    config = LynxConfig.from_options({"include": ["blocks"], "op_kinds": "linear", "inductor_config": inductor})
     assert hash(config) == hash(LynxConfig.from_options({"include": "blocks", "op_kinds": ["linear"],
-                                                          "inductor_config": {"a": 1}}))
+                                                          "inductor_config": inductor}))
     with pytest.raises(AttributeError):
         config.pattern = "1:2"
 
@@ -43,6 +44,7 @@ def test_frozen_and_hashable():
     ({"norm_comp": 1}, "option 'norm_comp' must be True or False, got 1"),
     ({"dump_dir": 5}, "option 'dump_dir' must be a path or None, got 5"),
     ({"inductor_config": ["x"]}, "option 'inductor_config' must be a dict of Inductor config keys"),
+    ({"inductor_config": {"no_such_key": 1}}, "option 'inductor_config': 'no_such_key' is not a torch._inductor.config key"),
 ])
 def test_bad_options_raise_value_error_naming_key_and_choices(options, message):
     with pytest.raises(ValueError, match=re.escape(message)):
