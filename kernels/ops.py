@@ -49,6 +49,7 @@ def sparse_mm(
 def _sparse_mm_fake(values, indices, scale, other, bias, n, m):
     reference.check_pattern(n, m)
     reference.check_operand(values, 1, "values")
+    reference.check_compressed(values, indices, scale)
     reference.check_operand(other, 1, "other")
     reference.check_same_dtype(values, other=other, bias=bias)
     reference.check_reduction_dims(values, other, values.shape[-1] // n * m)
@@ -83,6 +84,7 @@ def sparse_matmul(
     so switching never recompiles. ``impl`` names the kernel (see ``registry``).
     """
     reference.check_sparse_matmul_args(x, other, bias, lr_down, lr_up, n, m)
+    reference.check_plan_inputs(x, other, perm, comp_bias)
     if x.shape[-2] < min_tokens or dense_mode.active():
         return reference.dense_matmul(x, other, bias)
     if perm is not None:
@@ -95,15 +97,7 @@ def sparse_matmul(
 @sparse_matmul.register_fake
 def _sparse_matmul_fake(x, other, bias=None, lr_down=None, lr_up=None, perm=None, comp_bias=None, *, n=2, m=4,
                         norm_comp=True, min_tokens=0, impl="reference"):
-    reference.check_pattern(n, m)
-    reference.check_operand(x, m)
-    reference.check_operand(other, 1, "other")
-    reference.check_same_dtype(x, other=other, bias=bias)
-    reference.check_reduction_dims(x, other, x.shape[-1])
-    if perm is not None and (perm.dtype != torch.int64 or tuple(perm.shape) != (x.shape[-1],)):
-        raise ValueError(f"perm must be int64 of shape (K={x.shape[-1]},), got {perm.dtype} {tuple(perm.shape)}")
-    if comp_bias is not None and (comp_bias.dtype != torch.float32 or tuple(comp_bias.shape) != (other.shape[-1],)):
-        raise ValueError(f"comp_bias must be float32 of shape (N={other.shape[-1]},), got {comp_bias.dtype} "
-                         f"{tuple(comp_bias.shape)}")
+    reference.check_sparse_matmul_args(x, other, bias, lr_down, lr_up, n, m)
+    reference.check_plan_inputs(x, other, perm, comp_bias)
     get_kernel(impl)
     return x.new_empty(*_batch_shape(x, other), x.shape[-2], other.shape[-1])

@@ -71,9 +71,29 @@ def check_sparse_matmul_args(x, other, bias, lr_down, lr_up, n: int, m: int) -> 
     check_reduction_dims(x, other, x.shape[-1])
     if (lr_down is None) != (lr_up is None):
         raise ValueError("lr_down and lr_up must be given together (low-rank compensation)")
-    if lr_down is not None and (lr_down.dim() != 2 or lr_up.dim() != 2):
-        raise ValueError(f"lr_down (K, R) and lr_up (R, N) must be matrices, got {tuple(lr_down.shape)} "
-                         f"and {tuple(lr_up.shape)}")
+    if lr_down is not None and (lr_down.dim() != 2 or lr_up.dim() != 2 or lr_down.shape[0] != x.shape[-1]
+                                or lr_up.shape[0] != lr_down.shape[1] or lr_up.shape[1] != other.shape[-1]):
+        raise ValueError(f"lr_down must be (K={x.shape[-1]}, R) and lr_up (R, N={other.shape[-1]}), got "
+                         f"{tuple(lr_down.shape)} and {tuple(lr_up.shape)}")
+
+
+def check_plan_inputs(x, other, perm, comp_bias) -> None:
+    """The calibration-plan inputs of ``rtlynx::sparse_matmul``, checked alike in eager and traced calls."""
+    if perm is not None and (perm.dtype != torch.int64 or tuple(perm.shape) != (x.shape[-1],)):
+        raise ValueError(f"perm must be int64 of shape (K={x.shape[-1]},), got {perm.dtype} {tuple(perm.shape)}")
+    if comp_bias is not None and (comp_bias.dtype != torch.float32 or tuple(comp_bias.shape) != (other.shape[-1],)):
+        raise ValueError(f"comp_bias must be float32 of shape (N={other.shape[-1]},), got {comp_bias.dtype} "
+                         f"{tuple(comp_bias.shape)}")
+
+
+def check_compressed(values, indices, scale) -> None:
+    """The output of ``compress`` as ``sparse_mm`` takes it."""
+    if indices.dtype != torch.uint8 or indices.shape != values.shape:
+        raise ValueError(f"indices must be uint8 of the values' shape {tuple(values.shape)}, got {indices.dtype} "
+                         f"{tuple(indices.shape)}")
+    if scale.dtype != torch.float32 or scale.shape != values.shape[:-1]:
+        raise ValueError(f"scale must be float32 of shape {tuple(values.shape[:-1])}, got {scale.dtype} "
+                         f"{tuple(scale.shape)}")
 
 
 def dense_matmul(x: torch.Tensor, other: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -146,6 +166,7 @@ def sparse_mm(values, indices, scale, other, bias=None, *, n: int, m: int) -> to
     """``scale * (S(x) @ other) + bias`` with torch.matmul broadcasting; fp32 accumulate."""
     check_pattern(n, m)
     check_operand(values, 1, "values")
+    check_compressed(values, indices, scale)
     check_operand(other, 1, "other")
     check_same_dtype(values, other=other, bias=bias)
     check_reduction_dims(values, other, values.shape[-1] // n * m)
