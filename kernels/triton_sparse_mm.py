@@ -143,15 +143,9 @@ def _check_compressed(values, indices, scale, other, bias, n, m) -> None:
     reference.check_operand(other, 1, "other")
     reference.check_same_dtype(values, other=other, bias=bias)
     reference.check_reduction_dims(values, other, values.shape[-1] // n * m)
-    if values.shape != indices.shape:
-        raise ValueError(f"values {tuple(values.shape)} and indices {tuple(indices.shape)} differ in shape")
+    reference.check_compressed(values, indices, scale)
     if values.shape[-1] % n != 0:
         raise ValueError(f"compressed dim {values.shape[-1]} is not a multiple of N={n}")
-    if indices.dtype != torch.uint8:
-        raise TypeError(f"indices must be uint8, got {indices.dtype}")
-    if scale.shape != values.shape[:-1] or scale.dtype != torch.float32:
-        raise ValueError(f"scale must be fp32 of shape {tuple(values.shape[:-1])}, got {scale.dtype} "
-                         f"{tuple(scale.shape)}")
 
 
 def _gemm(values, indices, scale, other, bias, t, lr_up, *, n, m, block_m, block_n, block_k):

@@ -245,7 +245,7 @@ def test_selection_rules_on_hand_written_groups():
 def test_kept_nan_keeps_its_bits(pattern, dtype):
     # Keeping a value is a copy: a kept NaN must come out with x's exact bits (payload and sign),
     # as the Triton kernel produces them; the ground truth must not rewrite what it keeps.
-    # BUG (reference.nm_select, bfloat16): torch's CPU gather on bf16 turns every NaN into 0xFFFF,
+    # Regression test for a fixed bug (reference.nm_select, bfloat16): torch's CPU gather on bf16 turns every NaN into 0xFFFF,
     # so the kept NaN loses its payload and sign (fp32/fp16 are fine). Gathering on the integer
     # view (groups.view(torch.int16).gather(...).view(x.dtype)) keeps the bits.
     n, m = pattern
@@ -622,7 +622,7 @@ def test_unsupported_pattern_lists_valid_patterns(pattern):
 
 @pytest.mark.parametrize("pattern", [(3, 4), (2, 5)], ids=_id)
 def test_op_sparse_mm_unsupported_pattern_lists_valid_patterns(pattern):
-    # BUG (ops.sparse_mm): the real op computes K = values.shape[-1] // n * m and checks it against
+    # Regression test for a fixed bug (ops.sparse_mm): the real op computes K = values.shape[-1] // n * m and checks it against
     # other *before* checking the pattern, so it reports "reduction dims differ: x has K=4" (a K the
     # user never had) instead of the unsupported pattern. The fake implementation checks the
     # pattern first, so eager and traced calls disagree on the error.
@@ -662,7 +662,7 @@ def test_unsupported_dtype_lists_supported_dtypes(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.int32], ids=_id)
 def test_op_sparse_mm_rejects_unsupported_dtype(dtype):
-    # BUG (ops.sparse_mm / reference.sparse_mm): neither checks the operand dtype, so float64 or
+    # Regression test for a fixed bug (ops.sparse_mm / reference.sparse_mm): neither checks the operand dtype, so float64 or
     # int32 values are silently computed (and returned in that dtype) although compress, sparse_matmul
     # and every kernel accept only float32/float16/bfloat16.
     values, indices, scale = rtlynx.compress(torch.randint(-3, 4, (4, 8)).float(), 2, 4)

@@ -246,9 +246,9 @@ def test_sparse_matmul_validation():
     with pytest.raises(TypeError, match="bias has dtype torch.bfloat16"):
         tsm.sparse_matmul(x, other, other[0].bfloat16(), n=2, m=4)
     values, indices, scale = reference.compress(x, 2, 4)
-    with pytest.raises(TypeError, match="indices must be uint8"):
+    with pytest.raises(ValueError, match="indices must be uint8"):
         tsm.sparse_mm(values, indices.long(), scale, other, n=2, m=4)
-    with pytest.raises(ValueError, match="scale must be fp32 of shape"):
+    with pytest.raises(ValueError, match="scale must be float32 of shape"):
         tsm.sparse_mm(values, indices, scale[:4], other, n=2, m=4)
     with pytest.raises(ValueError, match="bias of shape"):
         tsm.sparse_mm(values, indices, scale, other, torch.randn(5), n=2, m=4)
