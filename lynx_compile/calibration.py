@@ -43,7 +43,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
@@ -55,6 +54,7 @@ from torch.utils._pytree import tree_leaves
 from .config import as_bool, as_regex_tuple, build_options, one_of
 from .kernels import reference
 from .plan import DTYPES, LayerPlan, Plan, dtype_name, planned_forward
+from .progress import Progress
 
 PATTERNS = ("2:4", "1:2", "4:8")
 _RANDOM_IN_TRAINING = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
@@ -176,7 +176,7 @@ class _Runner:
 
     def run(self, model: nn.Module, desc: str, progress: bool) -> list:
         """One replay under no_grad, counting model calls on a progress bar."""
-        bar = _Progress(desc, self.calls_per_run, progress)
+        bar = Progress(desc, self.calls_per_run, progress)
         handle = model.register_forward_hook(lambda *_: bar.update())
         try:
             with torch.no_grad():
@@ -190,34 +190,6 @@ class _Runner:
         if self.calls_per_run is None:
             self.calls_per_run = bar.count
         return outputs
-
-
-class _Progress:
-    """A dependency-free progress bar on stderr (tqdm is not a dependency of the package)."""
-
-    def __init__(self, desc: str, total: int | None, enabled: bool):
-        self.desc, self.total, self.enabled, self.count = desc, total, enabled, 0
-        self._draw()
-
-    def update(self) -> None:
-        self.count += 1
-        self._draw()
-
-    def _draw(self) -> None:
-        if not self.enabled:
-            return
-        if self.total:
-            done = min(self.count, self.total)
-            bar = "#" * (20 * done // self.total)
-            sys.stderr.write(f"\r{self.desc}: [{bar:<20}] {done}/{self.total} model calls")
-        else:
-            sys.stderr.write(f"\r{self.desc}: {self.count} model calls")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
 
 
 def _tensors_of(output: Any) -> list[Tensor]:

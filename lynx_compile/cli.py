@@ -83,7 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     explain_cmd.add_argument("builder", help="FILE.py:FUNCTION or MODULE:FUNCTION returning (model, args[, kwargs])")
     explain_cmd.add_argument("--options", default="{}", help="backend options as JSON")
     explain_cmd.add_argument("--json", type=Path, help="also write the explanation as JSON here")
+    demo = sub.add_parser("demo", help="sample the shipped MNIST DiT dense and through rtlynx; report, quality, PNG")
+    from .demo import add_arguments as add_demo_arguments
+
+    add_demo_arguments(demo)
     args = parser.parse_args(argv)
+    if args.command == "demo":
+        from .demo import main_from_args
+
+        return main_from_args(args)
     if args.command == "options":
         print(_options_table())
     elif args.command == "show":
