@@ -52,7 +52,8 @@ class Row:
     kind: str                     # "dense", "weights" or "activations"
     pattern: str = "2:4"
     build: Callable | None = None  # (context) -> per-layer forwards {path: fn(x)} (what the row computes)
-    dense_first: float = 0.0      # share of the denoising steps kept dense (the timestep schedule)
+    dense_first: float = 0.0      # shares of the denoising steps kept dense at the start and the end
+    dense_last: float = 0.0       # (the timestep schedule)
 
 
 # ---- the rows ------------------------------------------------------------------------------------
@@ -112,7 +113,17 @@ def calibrated(ctx, pattern: str, **options) -> Plan:
 FULL = dict(low_rank=True, bias_correction=True)  # the complete training-free compensation
 
 
-def all_rows(budget: float) -> list[Row]:
+def auto_dense_plan(ctx, budget: float | None) -> Plan:
+    """Full compensation plus the error-budget search; the default budget halves the all-sparse error."""
+    if budget is None:
+        budget = 0.5 * calibrated(ctx, "2:4", **FULL).output_error["all_sparse"]
+    plan = calibrated(ctx, "2:4", error_budget=round(budget, 4), **FULL)
+    ctx.notes["+ automatic dense layers"] = {"error_budget": round(budget, 4), "auto_dense_layers": [
+        p for p in plan.dense_layers() if plan.layers[p].auto_dense]}
+    return plan
+
+
+def all_rows(budget: float | None) -> list[Row]:
     return [
         Row("dense", "dense", pattern="-"),
         Row("weights 2:4, magnitude", "weights", build=lambda c: weight_rows_forwards(c, "2:4", wanda=False)),
@@ -124,11 +135,12 @@ def all_rows(budget: float) -> list[Row]:
         Row("+ bias correction", "activations", build=lambda c: plan_forwards(c, calibrated(c, "2:4", **FULL))),
         Row("+ channel permutation", "activations",
             build=lambda c: plan_forwards(c, calibrated(c, "2:4", permutation=True, **FULL))),
-        Row(f"+ automatic dense layers (budget {budget:g})", "activations",
-            build=lambda c: plan_forwards(c, calibrated(c, "2:4", error_budget=budget, **FULL))),
+        Row("+ automatic dense layers", "activations", build=lambda c: plan_forwards(c, auto_dense_plan(c, budget))),
         Row("full compensation, dense first 25% of steps", "activations", dense_first=0.25,
             build=lambda c: plan_forwards(c, calibrated(c, "2:4", **FULL))),
         Row("full compensation, dense first 50% of steps", "activations", dense_first=0.5,
+            build=lambda c: plan_forwards(c, calibrated(c, "2:4", **FULL))),
+        Row("full compensation, dense last 25% of steps", "activations", dense_last=0.25,
             build=lambda c: plan_forwards(c, calibrated(c, "2:4", **FULL))),
         Row("activations 4:8, naive", "activations", pattern="4:8",
             build=lambda c: plan_forwards(c, bare_plan(c, "4:8", False))),
@@ -159,14 +171,21 @@ def swapped_forwards(layers: dict[str, nn.Linear], forwards: dict[str, Callable]
             layers[path].__dict__.pop("forward", None)
 
 
-class DenseFirst:
-    """Keep the first ``share`` of the steps on the dense forwards: the timestep schedule."""
+class DenseSteps:
+    """The row's forwards on every step except the first and last shares: the timestep schedule.
 
-    def __init__(self, ctx, forwards, steps: int, share: float):
-        self.ctx, self.forwards, self.dense_steps = ctx, forwards, round(share * steps)
+    The same rule as :class:`lynx_compile.DenseSteps`, applied by swapping forwards instead of the
+    op's run-time switch, because the rows here run eagerly.
+    """
+
+    def __init__(self, ctx, forwards, steps: int, first: float, last: float):
+        self.ctx, self.forwards = ctx, forwards
+        self.schedule = lynx_compile.DenseSteps(steps, first=round(first * steps), last=round(last * steps))
 
     def step(self, i: int):
-        return contextlib.nullcontext() if i < self.dense_steps else swapped_forwards(self.ctx.layers, self.forwards)
+        if self.schedule.is_dense(i):
+            return contextlib.nullcontext()
+        return swapped_forwards(self.ctx.layers, self.forwards)
 
 
 @torch.no_grad()
@@ -191,8 +210,8 @@ def layer_errors(ctx, forwards: dict[str, Callable]) -> dict[str, float]:
 def run_row(ctx, row: Row) -> dict:
     started = time.perf_counter()
     forwards = row.build(ctx) if row.build else {}
-    if row.dense_first:
-        schedule = DenseFirst(ctx, forwards, ctx.steps, row.dense_first)
+    if row.dense_first or row.dense_last:
+        schedule = DenseSteps(ctx, forwards, ctx.steps, row.dense_first, row.dense_last)
         images = sample(ctx.model, ctx.labels, steps=ctx.steps, guidance=ctx.guidance, noise=ctx.noise,
                         schedule=schedule)
     else:
@@ -243,7 +262,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="Euler steps (default 20)")
     parser.add_argument("--guidance", type=float, default=2.0)
     parser.add_argument("--rank", type=int, default=16, help="low-rank branch rank R (K is 128 or 512 here)")
-    parser.add_argument("--budget", type=float, default=0.05, help="error budget of the automatic-dense row")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="error budget of the automatic-dense row (default: half the all-sparse output error)")
     parser.add_argument("--rows", default="all", help="comma-separated row names (prefixes), or 'all'")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="2 images per class, 4 steps, 5 rows (CI)")
@@ -264,13 +284,17 @@ def main(argv=None) -> int:
             raise SystemExit(f"quality.py: unknown rows {unknown}; valid rows: {[r.name for r in rows]}")
         rows = [r for r in rows if r.name == "dense" or any(r.name.startswith(w) for w in wanted)]
 
-    torch.set_grad_enabled(False)
+    return run(args, rows)
+
+
+@torch.no_grad()
+def run(args, rows: list[Row]) -> int:
     model = load_tiny_dit()
     classifier, evaluation = load_evaluation()
     ctx = argparse.Namespace(
         model=model, classifier=classifier, layers=block_linears(model), steps=args.steps, guidance=args.guidance,
         labels=torch.arange(10).repeat_interleave(args.per_class), rank=args.rank, plans={},
-        calibration_seconds={}, progress=args.progress, real_features=evaluation["heldout_features"],
+        calibration_seconds={}, notes={}, progress=args.progress, real_features=evaluation["heldout_features"],
         kd_subsets=10 if args.quick else 50, dense_images=None,
         calibration=calibration_run(args.steps, args.guidance),
         layer_probe=calibration_run(args.steps, args.guidance, per_class=1, seed=20_000),
@@ -282,11 +306,13 @@ def main(argv=None) -> int:
         result, images = run_row(ctx, row)
         if row.kind == "dense":
             ctx.dense_images = images
+        result.update(ctx.notes.get(row.name, {}))
         results.append(result)
         print(f"{row.name}: rel_l2 {result['rel_l2']:.3f}, fd {result['fd']:.1f}, accuracy {result['accuracy']:.3f} "
               f"({result['seconds']} s)", file=sys.stderr, flush=True)
 
-    headers = ["technique", "sparsified", "pattern", "rel_l2", "psnr_db", "ssim", "fd", "kd", "accuracy", "layer_err"]
+    headers = ["technique", "sparsified", "pattern", "dense_layers", "rel_l2", "psnr_db", "ssim", "fd", "kd",
+               "accuracy", "layer_err"]
     table_rows = [[round(r[h], 4) if isinstance(r[h], float) else ("inf" if r[h] is None else r[h]) for h in headers]
                   for r in results]
     table = tabulate(table_rows, headers=headers)

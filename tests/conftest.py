@@ -26,6 +26,18 @@ def fresh_compile_state(tmp_path, monkeypatch):
     torch._dynamo.reset()
 
 
+@pytest.fixture
+def share_compiled_kernels_within_a_test():
+    """fresh_compile_state gives each test a fresh cache folder and turns Inductor's caches off, so
+    that no test is served another's compile. A test that uses this fixture turns them back on inside
+    itself: its compiles are of different graphs (plain Inductor vs rtlynx, dense vs rewritten), so none
+    can be served another's FX graph (a wrong hit would skip the passes and leave a report missing,
+    which the tests check), but they share the C++ kernels they have in common, which roughly halves
+    the test's time."""
+    with torch._inductor.config.patch(force_disable_caches=False):
+        yield
+
+
 def pytest_configure(config):
     """benchmarks/ scripts are importable by the tests that smoke-test them."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))

@@ -32,18 +32,7 @@ import lynx_compile
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is a test dependency (pip install -e .[test])")
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def _share_compiled_kernels_within_a_test():
-    """conftest.py gives each test a fresh cache folder and turns Inductor's caches off, so that no
-    test is served another's compile. Inside one test they are turned back on: its compiles are of
-    different graphs (plain Inductor vs rtlynx, dense vs rewritten), so none can be served another's
-    FX graph (a wrong hit would skip the passes and leave a report missing, which the tests check),
-    but they share the C++ kernels they have in common, which roughly halves the test's time."""
-    with torch._inductor.config.patch(force_disable_caches=False):
-        yield
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("share_compiled_kernels_within_a_test")]
 
 
 _real_matmul = torch.matmul
