@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import datetime
 import json
-import math
 import platform
 import re
 import sys
@@ -39,7 +38,7 @@ from torch import nn
 
 import lynx_compile
 from lynx_compile import quality
-from lynx_compile.calibration import calibrate
+from lynx_compile.calibration import calibrate, input_channel_norms, measure_forward_errors
 from lynx_compile.demo import BLOCK_LINEARS
 from lynx_compile.kernels import reference
 from lynx_compile.models import calibration_run, load_evaluation, load_tiny_dit, sample, training_record
@@ -70,9 +69,8 @@ def prune_weight(weight: torch.Tensor, score: torch.Tensor, pattern: str) -> tor
     """Keep the top-N-of-M ``score`` entries of every weight row, in groups along K (the input dim)."""
     n, m = _nm(pattern)
     _, indices = reference.nm_select(score, n, m)
-    mask = torch.zeros(*score.shape[:-1], score.shape[-1] // m, m, dtype=torch.bool)
-    mask.scatter_(-1, indices.long().view(*score.shape[:-1], -1, n), True)
-    return weight * mask.view_as(weight)
+    mask = reference.decompress(torch.ones(indices.shape, dtype=weight.dtype), indices, n, m)
+    return weight * mask
 
 
 def weight_rows_forwards(ctx, pattern: str, wanda: bool) -> dict[str, Callable]:
@@ -189,24 +187,6 @@ class DenseSteps:
 
 
 @torch.no_grad()
-def layer_errors(ctx, forwards: dict[str, Callable]) -> dict[str, float]:
-    """Per-layer ``||f(x) - layer(x)|| / ||layer(x)||`` on the dense model's own activations."""
-    sums = {p: [0.0, 0.0] for p in forwards}
-    handles = []
-    for path, fn in forwards.items():
-        def hook(module, args, output, path=path, fn=fn):
-            sums[path][0] += float((fn(args[0]).double() - output.double()).square().sum())
-            sums[path][1] += float(output.double().square().sum())
-        handles.append(ctx.layers[path].register_forward_hook(hook))
-    try:
-        ctx.layer_probe(ctx.model)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {p: math.sqrt(a / b) for p, (a, b) in sums.items()}
-
-
-@torch.no_grad()
 def run_row(ctx, row: Row) -> dict:
     started = time.perf_counter()
     forwards = row.build(ctx) if row.build else {}
@@ -229,30 +209,13 @@ def run_row(ctx, row: Row) -> dict:
         "accuracy": quality.accuracy(ctx.classifier.logits_head(features), ctx.labels),
     }
     if forwards:
-        errors = layer_errors(ctx, forwards)
+        errors = measure_forward_errors(ctx.model, ctx.layer_probe, forwards)
         result["layer_err"] = sum(errors.values()) / len(errors)
         result["layer_errors"] = errors
     else:
         result["layer_err"] = 0.0
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result, images
-
-
-@torch.no_grad()
-def channel_norms(model: nn.Module, layers: dict[str, nn.Linear], run: Callable) -> dict[str, torch.Tensor]:
-    """Each layer's input-channel L2 norms along the calibration trajectories (Wanda's ``||X_j||``)."""
-    sums = {p: torch.zeros(layer.in_features, dtype=torch.float64) for p, layer in layers.items()}
-
-    def hook(module, args, output, path):
-        sums[path] += args[0].reshape(-1, args[0].shape[-1]).double().square().sum(0)
-
-    handles = [layer.register_forward_hook(lambda m, a, o, p=p: hook(m, a, o, p)) for p, layer in layers.items()]
-    try:
-        run(model)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {p: v.sqrt() for p, v in sums.items()}
 
 
 # ---- the command ---------------------------------------------------------------------------------
@@ -300,7 +263,7 @@ def run(args, rows: list[Row]) -> int:
         layer_probe=calibration_run(args.steps, args.guidance, per_class=1, seed=20_000),
     )
     ctx.noise = torch.randn(len(ctx.labels), 1, 28, 28, generator=torch.Generator().manual_seed(args.seed))
-    ctx.channel_norms = channel_norms(model, ctx.layers, ctx.calibration)
+    ctx.channel_norms = input_channel_norms(model, ctx.calibration, ctx.layers)
     results = []
     for row in rows:
         result, images = run_row(ctx, row)

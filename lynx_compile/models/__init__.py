@@ -12,9 +12,10 @@ from .digit_classifier import DigitClassifier
 from .tiny_dit import TinyDiT, TinyDiTConfig, calibration_run, sample
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-DIT_WEIGHTS = WEIGHTS_DIR / "tiny_dit_mnist.safetensors"
-EVAL_WEIGHTS = WEIGHTS_DIR / "tiny_dit_mnist_eval.safetensors"
-TRAINING_RECORD = WEIGHTS_DIR / "tiny_dit_mnist.json"
+# file names inside a weights folder (written by examples/train_tiny_dit.py)
+DIT_FILE = "tiny_dit_mnist.safetensors"
+EVAL_FILE = "tiny_dit_mnist_eval.safetensors"
+RECORD_FILE = "tiny_dit_mnist.json"
 
 
 def _require(path: Path) -> Path:
@@ -29,13 +30,13 @@ def load_tiny_dit(dtype: torch.dtype = torch.float32, device: str | torch.device
     folder = Path(folder)
     record = training_record(folder)
     model = TinyDiT(TinyDiTConfig(**record["dit_config"]))
-    model.load_state_dict({k: v.float() for k, v in load_file(_require(folder / DIT_WEIGHTS.name)).items()})
+    model.load_state_dict({k: v.float() for k, v in load_file(_require(folder / DIT_FILE)).items()})
     return model.eval().requires_grad_(False).to(device=device, dtype=dtype)
 
 
 def load_evaluation(folder: str | Path = WEIGHTS_DIR) -> tuple[DigitClassifier, dict[str, torch.Tensor]]:
     """The digit classifier and the tensors the quality metrics compare against (held-out features, ...)."""
-    tensors = load_file(_require(Path(folder) / EVAL_WEIGHTS.name))
+    tensors = load_file(_require(Path(folder) / EVAL_FILE))
     classifier = DigitClassifier()
     classifier.load_state_dict({k.removeprefix("classifier."): v for k, v in tensors.items() if k.startswith("classifier.")})
     rest = {k: v for k, v in tensors.items() if not k.startswith("classifier.")}
@@ -44,7 +45,7 @@ def load_evaluation(folder: str | Path = WEIGHTS_DIR) -> tuple[DigitClassifier, 
 
 def training_record(folder: str | Path = WEIGHTS_DIR) -> dict:
     """The training script's record: command, seed, data, timings and the sample accuracy over training."""
-    return json.loads(_require(Path(folder) / TRAINING_RECORD.name).read_text())
+    return json.loads(_require(Path(folder) / RECORD_FILE).read_text())
 
 
 def reference_forward_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -55,4 +56,4 @@ def reference_forward_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 
 __all__ = ["TinyDiT", "TinyDiTConfig", "DigitClassifier", "sample", "calibration_run", "load_tiny_dit", "load_evaluation",
-           "training_record", "reference_forward_inputs", "WEIGHTS_DIR"]
+           "training_record", "reference_forward_inputs", "WEIGHTS_DIR", "DIT_FILE", "EVAL_FILE", "RECORD_FILE"]
