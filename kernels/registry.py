@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from . import cusparselt, reference, triton_sparse_mm
+from . import cusparselt, fused_cuda, reference, triton_sparse_mm
 
 
 @dataclass(frozen=True)
@@ -103,3 +103,5 @@ def _triton_reason(problem: Problem) -> str:
 register_kernel(Kernel("cusparselt", cusparselt.sparse_matmul, cusparselt.unavailable_reason, ("cuda",)))
 register_kernel(Kernel("triton", triton_sparse_mm.sparse_matmul, _triton_reason, ("cuda",)))
 register_kernel(Kernel("reference", reference.sparse_matmul, lambda problem: "", ("cpu", "cuda")))
+# Opt-in until a GPU benchmark shows it ahead of cuSPARSELt (benchmarks/NOTES.md): "auto" never picks it.
+register_kernel(Kernel("fused", fused_cuda.sparse_matmul, fused_cuda.unavailable_reason, ()))

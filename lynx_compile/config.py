@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 PATTERNS = ("2:4", "1:2", "4:8", "dense")
 OP_KINDS = ("linear", "matmul")
-KERNELS = ("auto", "reference", "triton", "cusparselt")
+KERNELS = ("auto", "reference", "triton", "cusparselt", "fused")
 INNER_COMPILERS = ("inductor", "eager")
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DUMP_DIR_ENV = "LYNX_DUMP_DIR"

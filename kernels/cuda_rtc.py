@@ -1,0 +1,184 @@
+"""Build CUDA C++ at run time with NVRTC and launch it through the CUDA driver API (ctypes).
+
+Why NVRTC and not ``torch.utils.cpp_extension``: it needs no CUDA toolkit, host compiler or PyTorch
+headers on the user's machine (CUDA builds of PyTorch already ship ``libnvrtc``), a build takes about a
+second instead of a minute, and the very same build runs on a machine with no GPU, so CI checks that
+every kernel source compiles for each target architecture without spilling registers.
+
+Builds are cached on disk, keyed by the source, the options and the NVRTC version.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import hashlib
+import os
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+_NVRTC_SONAMES = ("libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so")
+
+
+class NvrtcUnavailable(RuntimeError):
+    """No NVRTC library could be loaded: CUDA kernels cannot be built here."""
+
+
+class CudaBuildError(RuntimeError):
+    """NVRTC rejected a kernel source; the message carries its log."""
+
+
+def _candidate_paths() -> list[str]:
+    # pip wheels (nvidia-cuda-nvrtc-cu12, nvidia-cuda-nvrtc for CUDA 13) put the library under
+    # site-packages/nvidia/; the dynamic loader does not look there.
+    found = []
+    for root in sys.path:
+        for pattern in ("nvidia/cuda_nvrtc/lib/libnvrtc.so.*", "nvidia/cu*/lib/libnvrtc.so.*"):
+            found += sorted(p for p in glob.glob(os.path.join(root, pattern)) if "builtins" not in p
+                            and ".alt." not in p)
+    return list(_NVRTC_SONAMES) + found
+
+
+@lru_cache(maxsize=1)
+def nvrtc() -> ctypes.CDLL:
+    errors = []
+    for name in _candidate_paths():
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError as exc:
+            errors.append(f"{name}: {exc}")
+            continue
+        lib.nvrtcGetErrorString.restype = ctypes.c_char_p
+        return lib
+    raise NvrtcUnavailable("no NVRTC library found (tried " + ", ".join(_NVRTC_SONAMES) +
+                           " and site-packages/nvidia/*); install a CUDA build of PyTorch or nvidia-cuda-nvrtc")
+
+
+def nvrtc_version() -> tuple[int, int]:
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    _check(nvrtc().nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)))
+    return major.value, minor.value
+
+
+def nvrtc_unavailable_reason() -> str:
+    try:
+        nvrtc_version()
+    except NvrtcUnavailable as exc:
+        return str(exc)
+    return ""
+
+
+def _check(status: int) -> None:
+    if status != 0:
+        raise CudaBuildError(f"NVRTC error {status}: {nvrtc().nvrtcGetErrorString(status).decode()}")
+
+
+@dataclass(frozen=True)
+class Build:
+    """One compiled kernel: the cubin for one architecture and NVRTC's log (ptxas statistics)."""
+
+    name: str
+    arch: str
+    cubin: bytes
+    log: str
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("LYNX_COMPILE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lynx_compile")
+    return Path(root) / "cuda"
+
+
+def build(source: str, name: str, arch: str, defines: dict[str, int] | None = None,
+          headers: dict[str, str] | None = None, use_cache: bool = True) -> Build:
+    """Compile ``source`` (one ``extern "C"`` kernel called ``name``) for ``arch`` (e.g. ``"sm_90"``).
+
+    ``headers`` maps the names that ``source`` includes to their text.
+    """
+    headers = headers or {}
+    options = [f"--gpu-architecture={arch}", "--std=c++17", "-default-device", "--ptxas-options=-v"]
+    options += [f"-D{key}={value}" for key, value in sorted((defines or {}).items())]
+    parts = [source, name, *options, *(f"{k}\0{v}" for k, v in sorted(headers.items())), repr(nvrtc_version())]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
+    cubin_path, log_path = cache_dir() / f"{name}-{key}.cubin", cache_dir() / f"{name}-{key}.log"
+    if use_cache and cubin_path.exists() and log_path.exists():
+        return Build(name, arch, cubin_path.read_bytes(), log_path.read_text())
+
+    lib = nvrtc()
+    program = ctypes.c_void_p()
+    names = sorted(headers)
+    header_texts = (ctypes.c_char_p * len(names))(*[headers[h].encode() for h in names])
+    header_names = (ctypes.c_char_p * len(names))(*[h.encode() for h in names])
+    _check(lib.nvrtcCreateProgram(ctypes.byref(program), source.encode(), f"{name}.cu".encode(), len(names),
+                                  header_texts, header_names))
+    try:
+        c_options = (ctypes.c_char_p * len(options))(*[o.encode() for o in options])
+        status = lib.nvrtcCompileProgram(program, len(options), c_options)
+        log_size = ctypes.c_size_t()
+        _check(lib.nvrtcGetProgramLogSize(program, ctypes.byref(log_size)))
+        log_buffer = ctypes.create_string_buffer(log_size.value)
+        _check(lib.nvrtcGetProgramLog(program, log_buffer))
+        log = log_buffer.value.decode(errors="replace")
+        if status != 0:
+            raise CudaBuildError(f"building CUDA kernel {name} for {arch} failed:\n{log}")
+        size = ctypes.c_size_t()
+        _check(lib.nvrtcGetCUBINSize(program, ctypes.byref(size)))
+        cubin = ctypes.create_string_buffer(size.value)
+        _check(lib.nvrtcGetCUBIN(program, cubin))
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(program))
+    result = Build(name, arch, cubin.raw, log)
+    if use_cache:
+        cache_dir().mkdir(parents=True, exist_ok=True)
+        cubin_path.write_bytes(result.cubin)
+        log_path.write_text(result.log)
+    return result
+
+
+def device_arch(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
+# ---- the driver side: load a cubin and launch on PyTorch's current stream -------------------------
+
+_CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
+
+
+@lru_cache(maxsize=1)
+def _libcuda() -> ctypes.CDLL:
+    return ctypes.CDLL("libcuda.so.1")
+
+
+def _check_driver(status: int, what: str) -> None:
+    if status != 0:
+        text = ctypes.c_char_p()
+        _libcuda().cuGetErrorString(status, ctypes.byref(text))
+        raise RuntimeError(f"CUDA driver error {status} in {what}: {(text.value or b'?').decode()}")
+
+
+class LoadedKernel:
+    """A kernel function loaded into the current CUDA context, launched with explicitly typed arguments."""
+
+    def __init__(self, built: Build, dynamic_smem: int):
+        torch.cuda.init()
+        torch.cuda.current_stream()  # makes the primary context current on this thread
+        self.name, self.dynamic_smem = built.name, dynamic_smem
+        self._module, self._function = ctypes.c_void_p(), ctypes.c_void_p()
+        _check_driver(_libcuda().cuModuleLoadData(ctypes.byref(self._module), built.cubin), "cuModuleLoadData")
+        _check_driver(_libcuda().cuModuleGetFunction(ctypes.byref(self._function), self._module, built.name.encode()),
+                      "cuModuleGetFunction")
+        _check_driver(_libcuda().cuFuncSetAttribute(self._function, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                                    dynamic_smem), "cuFuncSetAttribute")
+
+    def launch(self, grid: tuple[int, int, int], block: tuple[int, int, int], args: list) -> None:
+        """``args``: ctypes scalars, tensors (passed as device pointers) or None (a null pointer)."""
+        holders = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor)
+                   else ctypes.c_void_p(0) if a is None else a for a in args]
+        pointers = (ctypes.c_void_p * len(holders))(*[ctypes.cast(ctypes.byref(h), ctypes.c_void_p) for h in holders])
+        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+        _check_driver(_libcuda().cuLaunchKernel(self._function, *grid, *block, self.dynamic_smem, stream, pointers,
+                                                None), f"cuLaunchKernel({self.name})")

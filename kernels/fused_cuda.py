@@ -1,0 +1,153 @@
+"""The fused CUDA kernel: 2:4 compression of X in shared memory + ``mma.sp`` GEMM + fused epilogue.
+
+``cuda/fused_nm_gemm.cu`` holds the kernel and its design. This module picks a tile configuration for
+the device, builds it with NVRTC (``cuda_rtc``) once per (architecture, dtype, tiles), and launches it.
+
+Why its limits:
+- ``mma.sp`` is 2:4 only and fp16/bf16 here (sm_80+).
+- K must be a multiple of the 64-wide K tile and N of 8: loads are 16-byte ``cp.async`` copies
+  and the output is written in pairs.
+- the low-rank term enters as ``T = x @ lr_down`` (one small cuBLAS GEMM, rounded to the input dtype)
+  and is multiplied by ``lr_up`` on the tensor cores in the epilogue, so that there is no full-size
+  extra output and no extra pass over Y; the rounding of T differs from the reference's fp32 T
+  by at most one rounding of the low-rank term.
+
+The kernel is opt-in (``kernel="fused"``) and not chosen by ``kernel="auto"`` until a GPU benchmark
+shows that it beats the cuSPARSELt route (see benchmarks/NOTES.md).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+
+import torch
+import torch.nn.functional as F
+
+from . import cuda_rtc, reference
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+BLOCK_K = 64
+THREADS = 256
+KERNEL_NAME = "fused_nm_gemm"
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    bm: int
+    bn: int
+    stages: int
+
+    @property
+    def smem_bytes(self) -> int:
+        """Must match ``SharedTiles`` in the .cu file."""
+        pitch = BLOCK_K + 8
+        tiles = self.stages * (self.bm + self.bn) * pitch * 2
+        compressed = (self.bm // 16) * (BLOCK_K // 32) * 32 * (4 * 4 + 2 * 2)
+        return tiles + compressed + 4 * self.bm
+
+    def defines(self, dtype: torch.dtype, ordered_metadata: bool) -> dict[str, int]:
+        return {"BM": self.bm, "BN": self.bn, "STAGES": self.stages, "IS_BF16": int(dtype == torch.bfloat16),
+                "ORDERED_METADATA": int(ordered_metadata), "SMEM_BYTES": self.smem_bytes}
+
+
+# Largest first; the first that fits the device's shared memory is used (H100: the first; A100: the second).
+TILE_CONFIGS = (TileConfig(128, 256, 3), TileConfig(128, 128, 3), TileConfig(128, 128, 2))
+
+
+HEADER_NAME = "nm_compress.cuh"
+
+
+def cuda_file(name: str) -> str:
+    return resources.files(__package__).joinpath("cuda", name).read_text()
+
+
+def source() -> str:
+    return cuda_file("fused_nm_gemm.cu")
+
+
+def ordered_metadata_supported() -> bool:
+    """``mma.sp::ordered_metadata`` needs PTX ISA 8.5 (CUDA 12.5)."""
+    return cuda_rtc.nvrtc_version() >= (12, 5)
+
+
+def build(arch: str, dtype: torch.dtype, config: TileConfig, use_cache: bool = True) -> cuda_rtc.Build:
+    return cuda_rtc.build(source(), KERNEL_NAME, arch, config.defines(dtype, ordered_metadata_supported()),
+                          headers={HEADER_NAME: cuda_file(HEADER_NAME)}, use_cache=use_cache)
+
+
+def pick_config(max_smem: int) -> TileConfig | None:
+    return next((c for c in TILE_CONFIGS if c.smem_bytes <= max_smem), None)
+
+
+def unavailable_reason(problem) -> str:
+    """"" when this kernel can run ``problem`` (a ``registry.Problem``), else why not."""
+    if problem.pattern != (2, 4):
+        return f"mma.sp supports 2:4 only, not {problem.pattern[0]}:{problem.pattern[1]}"
+    if problem.device_type != "cuda":
+        return f"needs a CUDA device, got {problem.device_type!r}"
+    if not torch.cuda.is_available() or torch.version.cuda is None:
+        return "CUDA is not available"
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < (8, 0):
+        return f"compute capability {major}.{minor} < 8.0 (no sparse tensor cores)"
+    if problem.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {str(problem.dtype).removeprefix('torch.')} unsupported (supported: float16, bfloat16)"
+    if problem.batch != 1:
+        return "batched GEMMs (bmm) are not supported by the fused kernel"
+    if problem.k % BLOCK_K:
+        return f"K={problem.k} is not a multiple of {BLOCK_K}"
+    if isinstance(problem.n, int) and problem.n % 8:
+        return f"N={problem.n} is not a multiple of 8"
+    smem = torch.cuda.get_device_properties(torch.cuda.current_device()).shared_memory_per_block_optin
+    if pick_config(smem) is None:
+        return f"needs {TILE_CONFIGS[-1].smem_bytes} bytes of shared memory per block, the device has {smem}"
+    return cuda_rtc.nvrtc_unavailable_reason()
+
+
+@lru_cache(maxsize=None)
+def _loaded(device_index: int, dtype: torch.dtype) -> tuple[cuda_rtc.LoadedKernel, TileConfig]:
+    device = torch.device("cuda", device_index)
+    config = pick_config(torch.cuda.get_device_properties(device).shared_memory_per_block_optin)
+    with torch.cuda.device(device):
+        return cuda_rtc.LoadedKernel(build(cuda_rtc.device_arch(device), dtype, config), config.smem_bytes), config
+
+
+def _pad_rank(t: torch.Tensor, multiple: int = 16) -> torch.Tensor:
+    return F.pad(t, (0, -t.shape[-1] % multiple))
+
+
+def launch(x2: torch.Tensor, weight: torch.Tensor, bias, low_rank_in, low_rank_up, out: torch.Tensor,
+           norm_comp: bool) -> torch.Tensor:
+    """x2 (M, K), weight (N, K), bias (N,) or None, T (M, R16) and U (N, R16) or None, out (M, N)."""
+    kernel, config = _loaded(x2.device.index, x2.dtype)
+    m, k = x2.shape
+    n = weight.shape[0]
+    rank = 0 if low_rank_in is None else low_rank_in.shape[1]
+    tiles = -(-m // config.bm) * -(-n // config.bn)
+    kernel.launch((tiles, 1, 1), (THREADS, 1, 1),
+                  [x2, weight, bias, low_rank_in, low_rank_up, out, ctypes.c_int(m), ctypes.c_int(n),
+                   ctypes.c_int(k), ctypes.c_int(rank), ctypes.c_int(int(norm_comp))])
+    return out
+
+
+def sparse_matmul(x, other, bias=None, lr_down=None, lr_up=None, *, n: int, m: int, norm_comp: bool = True):
+    """Same contract as ``reference.sparse_matmul`` (without ``min_tokens``, decided by the op)."""
+    reference.check_sparse_matmul_args(x, other, bias, lr_down, lr_up, n, m)
+    if (n, m) != (2, 4) or x.dtype not in SUPPORTED_DTYPES or not x.is_cuda or other.dim() != 2:
+        raise ValueError(f"the fused kernel runs 2:4 fp16/bf16 2-D GEMMs on CUDA, got {n}:{m} {x.dtype} on "
+                         f"{x.device.type} with a {other.dim()}-D right operand")
+    k, n_out = other.shape
+    if k % BLOCK_K or n_out % 8:
+        raise ValueError(f"the fused kernel needs K % {BLOCK_K} == 0 and N % 8 == 0, got K={k}, N={n_out}")
+    x2 = x.reshape(-1, k).contiguous()
+    weight = other.t().contiguous()  # a no-op for a linear layer's weight.t()
+    low_rank_in = low_rank_up = None
+    if lr_down is not None:
+        low_rank_in = _pad_rank(x2 @ lr_down).contiguous()
+        low_rank_up = _pad_rank(lr_up.t()).contiguous()
+    out = torch.empty(x2.shape[0], n_out, dtype=x.dtype, device=x.device)
+    launch(x2, weight, None if bias is None else bias.contiguous(), low_rank_in, low_rank_up, out, norm_comp)
+    return out.reshape(*x.shape[:-1], n_out)
