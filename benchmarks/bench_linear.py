@@ -13,6 +13,9 @@ Routes:
   naive_cslt       PyTorch's unfused route: top-2 mask, torch._cslt_compress, torch._cslt_sparse_mm, epilogue
   lynx_cusparselt  our kernel "cusparselt": compress + cuSPARSELt + fp32 epilogue
   lynx_triton      our kernel "triton": Triton compress + Triton dense-gather GEMM
+  lynx_fused       our kernel "fused": compression in shared memory + mma.sp GEMM + epilogue, one CUDA kernel
+  fused_no_select  the fused kernel with selection and norm statistics skipped (wrong results; timing only):
+                   lynx_fused minus this is the in-kernel compression cost
   compress         our Triton compress alone (bandwidth against a measured copy)
   reference        the pure-PyTorch reference (CPU smoke runs)
 """
@@ -34,7 +37,9 @@ from lynx_compile.kernels import reference
 
 DIT_TOKENS = (1024, 4096, 8192, 16384)
 DIT_KN = ((1152, 1152), (1152, 4608), (4608, 1152), (3072, 3072), (3072, 12288), (12288, 3072))
-ALL_ROUTES = ("dense", "naive_cslt", "lynx_cusparselt", "lynx_triton", "compress", "reference")
+ALL_ROUTES = ("dense", "naive_cslt", "lynx_cusparselt", "lynx_triton", "lynx_fused", "fused_no_select", "compress",
+              "reference")
+TIMING_ONLY = ("dense", "compress", "fused_no_select")  # routes whose output is not the layer's result
 RANK = 64
 
 
@@ -80,6 +85,19 @@ def route_fn(route: str, device: str, dtype: torch.dtype):
 
         return lambda x, w_t, bias, lr_down, lr_up: triton_sparse_mm.sparse_matmul(x, w_t, bias, lr_down, lr_up,
                                                                                    n=2, m=4)
+    if route in ("lynx_fused", "fused_no_select"):
+        from lynx_compile.kernels import fused_cuda, registry
+
+        reason = fused_cuda.unavailable_reason(registry.Problem(device, dtype, 1024, 1024, 1024, 1, (2, 4)))
+        if reason:
+            raise RuntimeError(reason)
+    if route == "lynx_fused":
+        return lambda x, w_t, bias, lr_down, lr_up: fused_cuda.sparse_matmul(x, w_t, bias, lr_down, lr_up, n=2, m=4)
+    if route == "fused_no_select":
+        def no_select(x, w_t, bias, lr_down, lr_up):
+            out = torch.empty(x.shape[0], w_t.shape[1], dtype=x.dtype, device=x.device)
+            return fused_cuda.launch(x, w_t.t(), bias, None, None, out, True, skip_selection=True)
+        return no_select
     if route == "compress":
         from lynx_compile.kernels import triton_compress
 
@@ -127,12 +145,12 @@ def bench_shape(shape, routes, dtype, device, low_rank: bool):
     expected = reference.sparse_matmul(x, w_t, bias, lr_down, lr_up, n=2, m=4).float()
     rows = {}
     for route in routes:
-        if low_rank and route in ("dense", "compress"):
+        if low_rank and route in TIMING_ONLY:
             continue
         try:
             fn = route_fn(route, device, dtype)
             out = fn(*pools[0])
-            if route not in ("dense", "compress"):
+            if route not in TIMING_ONLY:
                 error = ((out.float() - expected).abs().max() / expected.abs().max()).item()
             else:
                 error = None
@@ -152,7 +170,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--shapes", help="comma-separated MxKxN (default: the DiT shape set)")
-    parser.add_argument("--routes", default="dense,naive_cslt,lynx_cusparselt,lynx_triton,compress")
+    parser.add_argument("--routes", default="dense,naive_cslt,lynx_cusparselt,lynx_triton,lynx_fused,fused_no_select,compress")
     parser.add_argument("--low-rank", choices=("both", "off", "on"), default="both")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)

@@ -73,9 +73,12 @@ def ordered_metadata_supported() -> bool:
     return cuda_rtc.nvrtc_version() >= (12, 5)
 
 
-def build(arch: str, dtype: torch.dtype, config: TileConfig, use_cache: bool = True) -> cuda_rtc.Build:
-    return cuda_rtc.build(source(), KERNEL_NAME, arch, config.defines(dtype, ordered_metadata_supported()),
-                          headers={HEADER_NAME: cuda_file(HEADER_NAME)}, use_cache=use_cache)
+def build(arch: str, dtype: torch.dtype, config: TileConfig, use_cache: bool = True,
+          skip_selection: bool = False) -> cuda_rtc.Build:
+    """``skip_selection`` builds the benchmark-only variant that measures the cost of selection (wrong results)."""
+    defines = config.defines(dtype, ordered_metadata_supported()) | {"TIMING_SKIP_SELECTION": int(skip_selection)}
+    return cuda_rtc.build(source(), KERNEL_NAME, arch, defines, headers={HEADER_NAME: cuda_file(HEADER_NAME)},
+                          use_cache=use_cache)
 
 
 def pick_config(max_smem: int) -> TileConfig | None:
@@ -108,11 +111,12 @@ def unavailable_reason(problem) -> str:
 
 
 @lru_cache(maxsize=None)
-def _loaded(device_index: int, dtype: torch.dtype) -> tuple[cuda_rtc.LoadedKernel, TileConfig]:
+def _loaded(device_index: int, dtype: torch.dtype, skip_selection: bool = False):
     device = torch.device("cuda", device_index)
     config = pick_config(torch.cuda.get_device_properties(device).shared_memory_per_block_optin)
     with torch.cuda.device(device):
-        return cuda_rtc.LoadedKernel(build(cuda_rtc.device_arch(device), dtype, config), config.smem_bytes), config
+        built = build(cuda_rtc.device_arch(device), dtype, config, skip_selection=skip_selection)
+        return cuda_rtc.LoadedKernel(built, config.smem_bytes), config
 
 
 def _pad_rank(t: torch.Tensor, multiple: int = 16) -> torch.Tensor:
@@ -120,9 +124,9 @@ def _pad_rank(t: torch.Tensor, multiple: int = 16) -> torch.Tensor:
 
 
 def launch(x2: torch.Tensor, weight: torch.Tensor, bias, low_rank_in, low_rank_up, out: torch.Tensor,
-           norm_comp: bool) -> torch.Tensor:
+           norm_comp: bool, skip_selection: bool = False) -> torch.Tensor:
     """x2 (M, K), weight (N, K), bias (N,) or None, T (M, R16) and U (N, R16) or None, out (M, N)."""
-    kernel, config = _loaded(x2.device.index, x2.dtype)
+    kernel, config = _loaded(x2.device.index, x2.dtype, skip_selection)
     m, k = x2.shape
     n = weight.shape[0]
     rank = 0 if low_rank_in is None else low_rank_in.shape[1]

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Everything a lent GPU should run, in one call (the device tool's `run`), results under $OUT:
+#   bash benchmarks/device_run.sh            # CUDA kernel tests, then bench_linear on the DiT shapes
+#   SHAPES=8192x3072x3072 bash benchmarks/device_run.sh
+# The device image has its own torch/Triton; the package is installed there without dependencies.
+set -u
+OUT=${OUT:-/tmp/lynx-device-out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || tail -5 "$OUT/install.log"
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv > "$OUT/gpu.csv" 2>&1
+python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
+  | tee "$OUT/versions.txt"
+timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_fused_cuda.py \
+  tests/test_kernel_selection.py tests/test_triton_kernels.py > "$OUT/tests.log" 2>&1
+echo "kernel tests: exit $?"; grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
+grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
+timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/bench_linear.py --out "$OUT" ${SHAPES:+--shapes "$SHAPES"} \
+  > "$OUT/bench_linear.log" 2>&1
+echo "bench_linear: exit $?"; tail -40 "$OUT/bench_linear.log"
