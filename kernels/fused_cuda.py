@@ -81,6 +81,12 @@ def build(arch: str, dtype: torch.dtype, config: TileConfig, use_cache: bool = T
                           use_cache=use_cache)
 
 
+def max_shared_memory(device=None) -> int:
+    """Opt-in shared memory per block; 48 KB where this torch does not report it."""
+    props = torch.cuda.get_device_properties(torch.cuda.current_device() if device is None else device)
+    return getattr(props, "shared_memory_per_block_optin", 48 * 1024)
+
+
 def pick_config(max_smem: int) -> TileConfig | None:
     return next((c for c in TILE_CONFIGS if c.smem_bytes <= max_smem), None)
 
@@ -104,7 +110,7 @@ def unavailable_reason(problem) -> str:
         return f"K={problem.k} is not a multiple of {BLOCK_K}"
     if isinstance(problem.n, int) and problem.n % 8:
         return f"N={problem.n} is not a multiple of 8"
-    smem = torch.cuda.get_device_properties(torch.cuda.current_device()).shared_memory_per_block_optin
+    smem = max_shared_memory()
     if pick_config(smem) is None:
         return f"needs {TILE_CONFIGS[-1].smem_bytes} bytes of shared memory per block, the device has {smem}"
     return cuda_rtc.nvrtc_unavailable_reason()
@@ -113,7 +119,7 @@ def unavailable_reason(problem) -> str:
 @lru_cache(maxsize=None)
 def _loaded(device_index: int, dtype: torch.dtype, skip_selection: bool = False):
     device = torch.device("cuda", device_index)
-    config = pick_config(torch.cuda.get_device_properties(device).shared_memory_per_block_optin)
+    config = pick_config(max_shared_memory(device))
     with torch.cuda.device(device):
         built = build(cuda_rtc.device_arch(device), dtype, config, skip_selection=skip_selection)
         return cuda_rtc.LoadedKernel(built, config.smem_bytes), config
