@@ -38,7 +38,7 @@ def test_frozen_and_hashable():
     ({"device_profile": "B200"}, "option 'device_profile' has invalid value 'B200'; valid choices: 'H100', 'H200', 'A100', 'L40S', 'H20'"),
     ({"include": "blocks.(("}, "option 'include': invalid regex 'blocks.(('"),
     ({"exclude": 3}, "option 'exclude' must be a regex string or a list of them, got 3"),
-    ({"kernel": "cutlass"}, "option 'kernel' has invalid value 'cutlass'; valid choices: 'auto', 'reference', 'triton', 'cusparselt'"),
+    ({"kernel": "cutlass"}, "option 'kernel' has invalid value 'cutlass'; valid choices: 'auto', 'reference', 'triton', 'cusparselt', 'fused'"),
     ({"inner": "aot_eager"}, "option 'inner' has invalid value 'aot_eager'; valid choices: 'inductor', 'eager'"),
     ({"mode": "fast"}, "option 'mode' has invalid value 'fast'; valid choices: None, 'default', 'reduce-overhead'"),
     ({"norm_comp": 1}, "option 'norm_comp' must be True or False, got 1"),

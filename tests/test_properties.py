@@ -309,7 +309,7 @@ VALID_OPTIONS = ", ".join(repr(f.name) for f in dataclasses.fields(LynxConfig))
     ({"patern": "2:4"}, f"unknown option 'patern'; valid options: {VALID_OPTIONS}"),
     ({"min_tokens": -1}, "option 'min_tokens' must be an integer >= 0 or 'auto', got -1"),
     ({"kernel": "cutlass"}, "option 'kernel' has invalid value 'cutlass'; valid choices: 'auto', 'reference', "
-                            "'triton', 'cusparselt'"),
+                            "'triton', 'cusparselt', 'fused'"),
     ({"op_kinds": []}, "option 'op_kinds' must name at least one of 'linear', 'matmul'"),
     ({"inner": "aot_eager"}, "option 'inner' has invalid value 'aot_eager'; valid choices: 'inductor', 'eager'"),
 ])
