@@ -64,6 +64,15 @@ def _naive_cslt(x, w_t, bias, lr_down, lr_up):
     return (y + bias.float()).to(x.dtype)
 
 
+def _require(unavailable_reason, device: str, dtype: torch.dtype) -> None:
+    """Raise with the kernel's own reason when it cannot run a 2:4 GEMM of this device and dtype."""
+    from lynx_compile.kernels import registry
+
+    reason = unavailable_reason(registry.Problem(device, dtype, 1024, 1024, 1024, 1, (2, 4)))
+    if reason:
+        raise RuntimeError(reason)
+
+
 def route_fn(route: str, device: str, dtype: torch.dtype):
     """(callable(x, w_t, bias, lr_down, lr_up) -> y) for a route, or raise with the reason it cannot run."""
     if route == "dense":
@@ -71,11 +80,9 @@ def route_fn(route: str, device: str, dtype: torch.dtype):
     if route == "reference":
         return lambda x, w_t, bias, lr_down, lr_up: reference.sparse_matmul(x, w_t, bias, lr_down, lr_up, n=2, m=4)
     if route in ("naive_cslt", "lynx_cusparselt"):
-        from lynx_compile.kernels import cusparselt, registry
+        from lynx_compile.kernels import cusparselt
 
-        reason = cusparselt.unavailable_reason(registry.Problem(device, dtype, 1024, 1024, 1024, 1, (2, 4)))
-        if reason:
-            raise RuntimeError(reason)
+        _require(cusparselt.unavailable_reason, device, dtype)
     if route == "naive_cslt":
         return _naive_cslt
     if route == "lynx_cusparselt":
@@ -86,11 +93,9 @@ def route_fn(route: str, device: str, dtype: torch.dtype):
         return lambda x, w_t, bias, lr_down, lr_up: triton_sparse_mm.sparse_matmul(x, w_t, bias, lr_down, lr_up,
                                                                                    n=2, m=4)
     if route in ("lynx_fused", "fused_no_select"):
-        from lynx_compile.kernels import fused_cuda, registry
+        from lynx_compile.kernels import fused_cuda
 
-        reason = fused_cuda.unavailable_reason(registry.Problem(device, dtype, 1024, 1024, 1024, 1, (2, 4)))
-        if reason:
-            raise RuntimeError(reason)
+        _require(fused_cuda.unavailable_reason, device, dtype)
     if route == "lynx_fused":
         return lambda x, w_t, bias, lr_down, lr_up: fused_cuda.sparse_matmul(x, w_t, bias, lr_down, lr_up, n=2, m=4)
     if route == "fused_no_select":

@@ -60,19 +60,15 @@ static_assert((BM * (BK / 8)) % THREADS == 0 && (BN * (BK / 8)) % THREADS == 0, 
 
 #if IS_BF16
 #define MMA_TYPE "bf16"
-__device__ __forceinline__ u32 pack2(float lo, float hi) {
-  u32 r;
-  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-  return r;
-}
 #else
 #define MMA_TYPE "f16"
+#endif
+
 __device__ __forceinline__ u32 pack2(float lo, float hi) {
   u32 r;
-  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  asm("cvt.rn." MMA_TYPE "x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
   return r;
 }
-#endif
 
 #if ORDERED_METADATA
 #define MMA_SP "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32." MMA_TYPE "." MMA_TYPE ".f32 "
