@@ -45,7 +45,7 @@ class TileConfig:
         """Must match ``SharedTiles`` in the .cu file."""
         pitch = BLOCK_K + 8
         tiles = self.stages * (self.bm + self.bn) * pitch * 2
-        compressed = (self.bm // 16) * (BLOCK_K // 32) * 32 * (4 * 4 + 2 * 2)
+        compressed = 2 * (self.bm // 16) * (BLOCK_K // 32) * 32 * (4 * 4 + 2 * 2)  # double-buffered
         return tiles + compressed + 4 * self.bm
 
     def defines(self, dtype: torch.dtype, ordered_metadata: bool) -> dict[str, int]:

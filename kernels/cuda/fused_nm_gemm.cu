@@ -8,12 +8,14 @@
 // NORM_COMP is off). T = X @ lr_down (M x R) and U = lr_up^T (N x R) carry the optional low-rank term,
 // R a multiple of 16. Accumulation is fp32; Y is rounded once.
 //
-// Per K tile the CTA (1) copies the X and W tiles to shared memory with cp.async (STAGES deep),
-// (2) compresses the X tile once, all threads together, into the exact register image that the
-// consumer warps' mma.sp A fragments and metadata need, so each warp loads them with one 16-byte and
-// one 4-byte shared load per 16-row slab; (3) runs mma.sp against W fragments read by ldmatrix.
-// The compressed operand never reaches global memory. Row statistics for the norm scale are
-// accumulated by the compressing threads as they go.
+// The CTA (1) copies X and W tiles to shared memory with cp.async (STAGES deep, X one tile ahead of
+// W); (2) compresses each X tile once, all threads together, into the exact register image that the
+// warps' mma.sp A fragments and metadata need, so each warp loads them with one 16-byte and one
+// 4-byte shared load per 16-row slab; (3) runs mma.sp against W fragments read by ldmatrix. Steps
+// (2) and (3) are software-pipelined: while the tensor cores multiply compressed tile kt, the same
+// warps compress tile kt + 1 into a second buffer, with one barrier per K tile. The compressed
+// operand never reaches global memory. Row statistics for the norm scale are accumulated by the
+// compressing threads as they go.
 //
 // Layout facts this relies on (PTX ISA, "Matrix fragments for sparse mma.m16n8k32 .f16/.bf16"):
 // - the compressed A fragment has the layout of the dense m16n8k16 A fragment applied to the 16x16
@@ -91,9 +93,9 @@ __device__ __forceinline__ void mma_dense_k16(float* d, const u32* a, const u32*
 
 __device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
 
-__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-               "r"(valid ? 16 : 0));
+// 16 bytes global -> shared, or 16 zero bytes when !valid (then nothing is read).
+__device__ __forceinline__ void cp_async_16(u32 dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
@@ -108,8 +110,8 @@ __device__ __forceinline__ void ldmatrix_x4(u32* r, const void* p) {
 struct SharedTiles {
   u16 x[STAGES][BM][PITCH];
   u16 w[STAGES][BN][PITCH];
-  u32 a[BM / 16][KSTEPS][32][4];   // compressed A, in mma.sp fragment order
-  u16 meta[BM / 16][KSTEPS][32][2];  // metadata words, lanes with t = 0, 1 used
+  u32 a[2][BM / 16][KSTEPS][32][4];     // compressed A, double-buffered, in mma.sp fragment order
+  u16 meta[2][BM / 16][KSTEPS][32][2];  // metadata words, lanes with t = 0, 1 used
   float scale[BM];
 };
 #ifdef SMEM_BYTES
@@ -135,20 +137,45 @@ fused_nm_gemm(const u16* __restrict__ X, const u16* __restrict__ W, const u16* _
   const int tile_m = first_m + (pid % per_group) % group_rows, tile_n = (pid % per_group) / group_rows;
   const int row0 = tile_m * BM, col0 = tile_n * BN;
 
-  auto load_tile = [&](int stage, int kt) {
-    const int k0 = kt * BK;
+  // This thread's part of every tile copy: 16 bytes at column copy_col of rows copy_row + i * COPY_STEP
+  // of the tile. Which of those rows exist (row0 + r < M, col0 + r < N) is fixed for the whole K
+  // loop: one bit per copy. Byte offsets are 32-bit from the tile's first row; a missing row, or a tile
+  // past the last (see load_group), is a zero-fill copy from a valid address (no global read).
+  constexpr int COPY_STEP = THREADS / (BK / 8), X_COPIES = BM / COPY_STEP, W_COPIES = BN / COPY_STEP;
+  const int copy_row = tid / (BK / 8), copy_col = (tid % (BK / 8)) * 8;
+  const u16* x_src = X + (size_t)row0 * K + copy_col;
+  const u16* w_src = W + (size_t)col0 * K + copy_col;
+  u32 x_rows = 0, w_rows = 0;
+  u32 x_offset[X_COPIES], w_offset[W_COPIES];  // bytes
 #pragma unroll
-    for (int i = 0; i < BM * (BK / 8) / THREADS; ++i) {
-      const int chunk = tid + i * THREADS, r = chunk / (BK / 8), c = (chunk % (BK / 8)) * 8;
-      const bool ok = row0 + r < M;
-      cp_async_16(&sh.x[stage][r][c], X + (size_t)(ok ? row0 + r : 0) * K + k0 + c, ok);
+  for (int i = 0; i < W_COPIES; ++i) {
+    const int r = copy_row + i * COPY_STEP;
+    if (i < X_COPIES) {
+      x_rows |= (u32)(r < M - row0) << i;
+      x_offset[i] = r < M - row0 ? 2u * r * K : 0u;
     }
+    w_rows |= (u32)(r < N - col0) << i;
+    w_offset[i] = r < N - col0 ? 2u * r * K : 0u;
+  }
+  // Shared addresses of this thread's first copy in stage 0; the rest are constant offsets.
+  const u32 x_dst = smem_addr(&sh.x[0][copy_row][copy_col]), w_dst = smem_addr(&sh.w[0][copy_row][copy_col]);
+  constexpr u32 COPY_STEP_BYTES = COPY_STEP * PITCH * 2;
+  auto copy_rows = [&](u32 dst, const u16* tile, const u32* offset, u32 rows, int count) {
+    const char* bytes = reinterpret_cast<const char*>(tile);
 #pragma unroll
-    for (int i = 0; i < BN * (BK / 8) / THREADS; ++i) {
-      const int chunk = tid + i * THREADS, r = chunk / (BK / 8), c = (chunk % (BK / 8)) * 8;
-      const bool ok = col0 + r < N;
-      cp_async_16(&sh.w[stage][r][c], W + (size_t)(ok ? col0 + r : 0) * K + k0 + c, ok);
-    }
+    for (int i = 0; i < count; ++i) cp_async_16(dst + i * COPY_STEP_BYTES, bytes + offset[i], (rows & (1u << i)) != 0);
+  };
+  // Commit group j holds X tile j and W tile j - 1: X runs one tile ahead, because tile kt + 1 is
+  // compressed while the tensor cores work on tile kt. Tiles outside [0, k_tiles) are zero-filled
+  // copies instead of branches, so that the main loop stays one basic block.
+  const int k_tiles = K / BK;
+  auto load_group = [&](int j) {
+    const int xt = min(j, k_tiles - 1), wt = max(min(j - 1, k_tiles - 1), 0);
+    copy_rows(x_dst + (j % STAGES) * (u32)sizeof(sh.x[0]), x_src + xt * BK, x_offset, j < k_tiles ? x_rows : 0u,
+              X_COPIES);
+    copy_rows(w_dst + ((j + STAGES - 1) % STAGES) * (u32)sizeof(sh.w[0]), w_src + wt * BK, w_offset,
+              j >= 1 && j - 1 < k_tiles ? w_rows : 0u, W_COPIES);
+    cp_async_commit();
   };
 
   float acc[MI][NI][4];
@@ -159,58 +186,71 @@ fused_nm_gemm(const u16* __restrict__ X, const u16* __restrict__ W, const u16* _
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.0f;
 
-  // The compressing role of this thread: one row of the X tile, one k32 step of each K tile.
+  // The compressing role of this thread: 32 values of one row of the X tile (one k32 step), which
+  // become 8 packed words and 2 metadata half-words of the compressed tile.
   const int crow = tid / KSTEPS, cstep = tid % KSTEPS;
   const int cslab = crow / 16, cr16 = crow % 16;
   RowStats stats = {0.0f, 0.0f, 0, 0};
-
-  const int k_tiles = K / BK;
+  u32 packed[8], meta[2], key_max;
+  float sum_total, sum_kept;
+  auto chunk_of = [&](int kt) { return reinterpret_cast<const u32*>(&sh.x[kt % STAGES][crow][cstep * 32]); };
+  auto compress_fast = [&](int kt) {
+    const uint4* src = reinterpret_cast<const uint4*>(chunk_of(kt));
+    uint4 v[4];
 #pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < k_tiles) load_tile(s, s);
-    cp_async_commit();
-  }
-
-  for (int kt = 0; kt < k_tiles; ++kt) {
-    cp_async_wait<STAGES - 2>();
-    __syncthreads();  // tile kt has landed; every warp is done with the previous compressed tile
-    if (kt + STAGES - 1 < k_tiles) load_tile((kt + STAGES - 1) % STAGES, kt + STAGES - 1);
-    cp_async_commit();
-    const int stage = kt % STAGES;
-
-    // ---- compress: 32 values of one row -> 8 packed words + 2 metadata half-words --------------
-    {
-      const uint4* src = reinterpret_cast<const uint4*>(&sh.x[stage][crow][cstep * 32]);
-      uint4 v[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) v[i] = src[i];
-      const u32 words[16] = {v[0].x, v[0].y, v[0].z, v[0].w, v[1].x, v[1].y, v[1].z, v[1].w,
-                             v[2].x, v[2].y, v[2].z, v[2].w, v[3].x, v[3].y, v[3].z, v[3].w};
-      u32 packed[8], meta[2];
+    for (int i = 0; i < 4; ++i) v[i] = src[i];
+    const u32 words[16] = {v[0].x, v[0].y, v[0].z, v[0].w, v[1].x, v[1].y, v[1].z, v[1].w,
+                           v[2].x, v[2].y, v[2].z, v[2].w, v[3].x, v[3].y, v[3].z, v[3].w};
 #if TIMING_SKIP_SELECTION  // benchmark-only variant: keeps elements 0 and 1 of each group, no statistics
 #pragma unroll
-      for (int j = 0; j < 8; ++j) packed[j] = words[2 * j];
-      meta[0] = meta[1] = 0x4444u;
+    for (int j = 0; j < 8; ++j) packed[j] = words[2 * j];
+    meta[0] = meta[1] = 0x4444u;
 #else
-      compress_chunk(words, packed, meta, stats, norm_comp != 0);
+    compress_chunk_fast(words, packed, meta, key_max, sum_total, sum_kept);
 #endif
+  };
+  auto compress_finish = [&](int kt) {
+#if !TIMING_SKIP_SELECTION
+    compress_chunk_finish(chunk_of(kt), packed, meta, key_max, sum_total, sum_kept, stats, norm_comp != 0);
+#endif
+    const int buf = kt & 1;
 #pragma unroll
-      for (int j = 0; j < 8; ++j) sh.a[cslab][cstep][(cr16 % 8) * 4 + (j % 4)][(cr16 / 8) + 2 * (j / 4)] = packed[j];
+    for (int j = 0; j < 8; ++j)
+      sh.a[buf][cslab][cstep][(cr16 % 8) * 4 + (j % 4)][(cr16 / 8) + 2 * (j / 4)] = packed[j];
 #pragma unroll
-      for (int h = 0; h < 2; ++h) sh.meta[cslab][cstep][(cr16 % 8) * 4 + h][cr16 / 8] = (u16)meta[h];
-    }
-    __syncthreads();  // the compressed tile is complete
+    for (int h = 0; h < 2; ++h) sh.meta[buf][cslab][cstep][(cr16 % 8) * 4 + h][cr16 / 8] = (u16)meta[h];
+  };
 
-    // ---- sparse tensor-core products -----------------------------------------------------------
+  // Prologue: groups 0 .. STAGES-1 in flight, then X tile 0 compressed.
+#pragma unroll
+  for (int j = 0; j < STAGES; ++j) load_group(j);
+  cp_async_wait<STAGES - 1>();
+  __syncthreads();
+  compress_fast(0);
+  compress_finish(0);
+
+  // One barrier per K tile. Iteration kt multiplies compressed tile kt (buffer kt % 2) by W tile kt
+  // while the same warps compress X tile kt + 1 into the other buffer. The two are independent and,
+  // up to compress_finish, in one basic block, so the scheduler interleaves the integer work of the
+  // compression with the tensor-core instructions. The last iteration compresses the zero-filled
+  // tile k_tiles, which adds nothing to the statistics and is never multiplied.
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    cp_async_wait<STAGES - 2>();  // groups <= kt + 1 have landed: X tile kt + 1 and W tile kt
+    // Also: compressed tile kt is complete, and every warp is done with W tile kt - 1 and with
+    // compressed buffer (kt + 1) % 2, which this iteration refills.
+    __syncthreads();
+    load_group(kt + STAGES);  // X tile kt + STAGES and W tile kt + STAGES - 1, into freed stages
+
+    const int buf = kt & 1, stage = kt % STAGES;
 #pragma unroll
     for (int ks = 0; ks < KSTEPS; ++ks) {
       u32 a[MI][4], e[MI];
 #pragma unroll
       for (int i = 0; i < MI; ++i) {
         const int slab = warp_m * MI + i;
-        const uint4 frag = *reinterpret_cast<const uint4*>(&sh.a[slab][ks][lane][0]);
+        const uint4 frag = *reinterpret_cast<const uint4*>(&sh.a[buf][slab][ks][lane][0]);
         a[i][0] = frag.x; a[i][1] = frag.y; a[i][2] = frag.z; a[i][3] = frag.w;
-        e[i] = *reinterpret_cast<const u32*>(&sh.meta[slab][ks][lane][0]);
+        e[i] = *reinterpret_cast<const u32*>(&sh.meta[buf][slab][ks][lane][0]);
       }
 #pragma unroll
       for (int j = 0; j < NI; ++j) {
@@ -219,7 +259,9 @@ fused_nm_gemm(const u16* __restrict__ X, const u16* __restrict__ W, const u16* _
 #pragma unroll
         for (int i = 0; i < MI; ++i) mma_sp(acc[i][j], a[i], b, e[i]);
       }
+      if (ks == 0) compress_fast(kt + 1);
     }
+    compress_finish(kt + 1);
   }
   cp_async_wait<0>();
 

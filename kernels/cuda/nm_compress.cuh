@@ -19,6 +19,14 @@ static inline float lynx_bits_to_float(u32 b) { float f; std::memcpy(&f, &b, 4);
 static inline u32 lynx_float_to_bits(float f) { u32 b; std::memcpy(&b, &f, 4); return b; }
 static inline int lynx_ffs(u32 x) { return __builtin_ffs((int)x); }
 static inline int lynx_clz(u32 x) { return __builtin_clz(x); }
+// CUDA's __byte_perm for selectors with no sign-replicate bits: byte k of the result is byte
+// (selector >> 4k) & 7 of the 64-bit value (hi:lo).
+static inline u32 lynx_byte_perm(u32 lo, u32 hi, u32 selector) {
+  const u64 bytes = (u64)lo | ((u64)hi << 32);
+  u32 out = 0;
+  for (int k = 0; k < 4; ++k) out |= (u32)((bytes >> (8 * ((selector >> (4 * k)) & 7u))) & 0xFFu) << (8 * k);
+  return out;
+}
 using std::max;
 using std::min;
 using std::sqrt;
@@ -31,6 +39,7 @@ typedef unsigned long long u64;
 #define lynx_float_to_bits __float_as_uint
 #define lynx_ffs __ffs
 #define lynx_clz __clz
+#define lynx_byte_perm __byte_perm
 #endif
 
 #if IS_BF16
@@ -72,25 +81,24 @@ LYNX_FN u32 select_2_of_4_exact(u32 w0, u32 w1, u32& nibble) {
   return (u32)((group >> (16 * idx0)) & 0xFFFFu) | ((u32)((group >> (16 * idx1)) & 0xFFFFu) << 16);
 }
 
-// Fast rule for finite groups: one composite key per value, [15-bit magnitude | 3 - index | sign],
-// is unique and orders by magnitude and then by lower index, so top-2 is six integer min/max.
-LYNX_FN u32 composite(u32 bits16, u32 index) {
-  return ((bits16 & 0x7FFFu) << 17) | ((3u - index) << 15) | ((bits16 & 0x8000u) >> 1);
-}
-LYNX_FN u32 composite_index(u32 c) { return 3u - ((c >> 15) & 3u); }
-LYNX_FN u32 composite_value(u32 c) { return (c >> 17) | ((c << 1) & 0x8000u); }
-
+// Fast rule for finite groups. Each value gets a 32-bit key, [0 | 15-bit magnitude | 14 zero bits |
+// 3 - index]: keys are unique within a group and order by magnitude and then by lower index, so the
+// top two are seven integer min/max. Their low bits name the two kept positions, which give both the
+// metadata nibble and the byte selector that gathers the two values with one byte permute (cheaper
+// than a key that carries the value and has to be unpacked; benchmarks/NOTES.md has the counts).
 LYNX_FN u32 select_2_of_4_fast(u32 w0, u32 w1, u32& nibble, u32& top) {
-  const u32 c0 = composite(w0 & 0xFFFFu, 0), c1 = composite(w0 >> 16, 1);
-  const u32 c2 = composite(w1 & 0xFFFFu, 2), c3 = composite(w1 >> 16, 3);
-  const u32 hi01 = max(c0, c1), lo01 = min(c0, c1), hi23 = max(c2, c3), lo23 = min(c2, c3);
+  const u32 k0 = ((w0 << 16) & 0x7FFF0000u) | 3u, k1 = (w0 & 0x7FFF0000u) | 2u;
+  const u32 k2 = ((w1 << 16) & 0x7FFF0000u) | 1u, k3 = (w1 & 0x7FFF0000u);
+  const u32 hi01 = max(k0, k1), lo01 = min(k0, k1), hi23 = max(k2, k3), lo23 = min(k2, k3);
   top = max(hi01, hi23);
   const u32 second = max(min(hi01, hi23), max(lo01, lo23));
-  // The kept pair in index order: the larger composite index field is the lower index.
-  const u32 first_c = ((top >> 15) & 3u) > ((second >> 15) & 3u) ? top : second;
-  const u32 last_c = first_c == top ? second : top;
-  nibble = composite_index(first_c) | (composite_index(last_c) << 2);
-  return composite_value(first_c) | (composite_value(last_c) << 16);
+  // c = 3 - index, so the larger c is the lower index.
+  const u32 c_top = top & 3u, c_second = second & 3u;
+  const u32 c_first = max(c_top, c_second), c_last = min(c_top, c_second);
+  nibble = 15u - c_first - 4u * c_last;  // (3 - c_first) | (3 - c_last) << 2
+  // Bytes 2i and 2i+1 of (w1:w0) hold value i: gather value 3 - c_first low, 3 - c_last high.
+  const u32 selector = (0x1010u + 0x66u + 0x6600u) - 0x22u * c_first - 0x2200u * c_last;
+  return lynx_byte_perm(w0, w1, selector);
 }
 
 // Running statistics of one row for s = ||x|| / ||S(x)||: sums of (x * 2^-e)^2. e starts at 0 (raw
@@ -131,9 +139,11 @@ LYNX_FN float stats_scale(const RowStats& st) {
   return (!st.nonfinite && st.kept > 0.0f) ? sqrt(st.total / st.kept) : 1.0f;
 }
 
+// Sums of squares of a chunk's 32 values and of its 16 kept values, each multiplied by ``unit``.
 template <bool SCALED>
-LYNX_FN void chunk_sums(const u32* words, const u32* packed, float unit, RowStats& st) {
-  float total = 0.0f, kept = 0.0f;
+LYNX_FN void chunk_sums(const u32* words, const u32* packed, float unit, float& total, float& kept) {
+  total = 0.0f;
+  kept = 0.0f;
 #pragma unroll
   for (int i = 0; i < 16; ++i) {
     float x0 = to_float(words[i] & 0xFFFFu), x1 = to_float(words[i] >> 16);
@@ -146,14 +156,27 @@ LYNX_FN void chunk_sums(const u32* words, const u32* packed, float unit, RowStat
     if (SCALED) y0 *= unit, y1 *= unit;
     kept = fmaf(y0, y0, fmaf(y1, y1, kept));
   }
-  st.total += total;
-  st.kept += kept;
 }
 
-// Compresses 32 values (16 words, two per word, element 2i in the low half of word i) into 8 packed
-// words (group j: its two kept values) and 2 metadata half-words (groups 4h..4h+3, nibble j%4 at bit
-// 4*(j%4)), and adds the chunk to the row statistics.
-LYNX_FN void compress_chunk(const u32* words, u32* packed, u32* meta, RowStats& st, bool norm_comp) {
+// Magnitude bits of 2^51 and 2^-50: outside [2^-50, 2^51) the raw sums of squares may leave fp32's range.
+#if IS_BF16
+#define RAW_SUMS_HI 0x5900u
+#define RAW_SUMS_LO 0x2680u
+#else
+#define RAW_SUMS_HI INF_BITS  // every finite fp16 value is in range
+#define RAW_SUMS_LO 0u
+#endif
+
+// Compression of 32 values (16 words, two per word, element 2i in the low half of word i) into 8
+// packed words (group j: its two kept values) and 2 metadata half-words (groups 4h..4h+3, nibble j%4
+// at bit 4*(j%4)), split in two so that the fused kernel can interleave the first part with its
+// tensor-core instructions:
+// - compress_chunk_fast has no branches: fast selection, the largest magnitude and the raw sums;
+// - compress_chunk_finish adds the sums to the row statistics, and takes a branch only in the rare
+//   cases (NaN or Inf in the chunk: exact selection again; magnitudes outside [2^-50, 2^51) or a row
+//   already rescaled: scaled sums). It reads ``words`` again only in those cases.
+LYNX_FN void compress_chunk_fast(const u32* words, u32* packed, u32* meta, u32& key_max, float& total,
+                                 float& kept) {
   u32 top_max = 0;
   meta[0] = meta[1] = 0u;
 #pragma unroll
@@ -163,8 +186,13 @@ LYNX_FN void compress_chunk(const u32* words, u32* packed, u32* meta, RowStats& 
     top_max = max(top_max, top);
     meta[j / 4] |= nibble << (4 * (j % 4));
   }
-  const u32 key_max = top_max >> 17;
-  if (key_max >= INF_BITS) {  // rare: NaN or Inf in the chunk, redo with the exact rule
+  key_max = top_max >> 16;
+  chunk_sums<false>(words, packed, 1.0f, total, kept);
+}
+
+LYNX_FN void compress_chunk_finish(const u32* words, u32* packed, u32* meta, u32 key_max, float total,
+                                   float kept, RowStats& st, bool norm_comp) {
+  if (key_max >= INF_BITS) {  // NaN or Inf in the chunk: redo with the exact rule; the row's scale is 1
     st.nonfinite = 1;
     meta[0] = meta[1] = 0u;
 #pragma unroll
@@ -173,11 +201,26 @@ LYNX_FN void compress_chunk(const u32* words, u32* packed, u32* meta, RowStats& 
       packed[j] = select_2_of_4_exact(words[2 * j], words[2 * j + 1], nibble);
       meta[j / 4] |= nibble << (4 * (j % 4));
     }
+    return;
+  }
+  const bool raw = st.exponent == 0 && key_max < RAW_SUMS_HI && (key_max >= RAW_SUMS_LO || st.total != 0.0f);
+  if (raw) {  // the common case
+    st.total += total;
+    st.kept += kept;
+    return;
   }
   if (!norm_comp || st.nonfinite || key_max == 0) return;
   const int e = exponent_of_magnitude(key_max);
   if (st.total == 0.0f && st.exponent == 0 && e < -50) stats_rescale(st, e);  // a row of tiny values
   if (e > st.exponent + 50) stats_rescale(st, e);
-  if (st.exponent == 0) chunk_sums<false>(words, packed, 1.0f, st);  // the common case: raw squares
-  else chunk_sums<true>(words, packed, pow2(-st.exponent), st);
+  chunk_sums<true>(words, packed, pow2(-st.exponent), total, kept);
+  st.total += total;
+  st.kept += kept;
+}
+
+LYNX_FN void compress_chunk(const u32* words, u32* packed, u32* meta, RowStats& st, bool norm_comp) {
+  u32 key_max;
+  float total, kept;
+  compress_chunk_fast(words, packed, meta, key_max, total, kept);
+  compress_chunk_finish(words, packed, meta, key_max, total, kept, st, norm_comp);
 }
