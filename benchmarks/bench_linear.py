@@ -101,7 +101,7 @@ def route_fn(route: str, device: str, dtype: torch.dtype):
     if route == "fused_no_select":
         def no_select(x, w_t, bias, lr_down, lr_up):
             out = torch.empty(x.shape[0], w_t.shape[1], dtype=x.dtype, device=x.device)
-            return fused_cuda.launch(x, w_t.t(), bias, None, None, out, True, skip_selection=True)
+            return fused_cuda.launch(x, w_t.t(), bias, None, None, out, True, variant="no_selection")
         return no_select
     if route == "compress":
         from lynx_compile.kernels import triton_compress

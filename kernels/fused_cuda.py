@@ -73,10 +73,17 @@ def ordered_metadata_supported() -> bool:
     return cuda_rtc.nvrtc_version() >= (12, 5)
 
 
+# Builds other than the kernel itself are instruments, with wrong results: "no_selection" times the
+# kernel without selection and statistics (bench_linear.py), "common_path" drops the rare branches so
+# that a static instruction count is that of the common path (sass_counts.py).
+VARIANTS = {"kernel": {}, "no_selection": {"TIMING_SKIP_SELECTION": 1}, "common_path": {"SASS_COMMON_PATH": 1}}
+
+
 def build(arch: str, dtype: torch.dtype, config: TileConfig, use_cache: bool = True,
-          skip_selection: bool = False) -> cuda_rtc.Build:
-    """``skip_selection`` builds the benchmark-only variant that measures the cost of selection (wrong results)."""
-    defines = config.defines(dtype, ordered_metadata_supported()) | {"TIMING_SKIP_SELECTION": int(skip_selection)}
+          variant: str = "kernel") -> cuda_rtc.Build:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown fused kernel variant {variant!r}; variants: {', '.join(VARIANTS)}")
+    defines = config.defines(dtype, ordered_metadata_supported()) | VARIANTS[variant]
     return cuda_rtc.build(source(), KERNEL_NAME, arch, defines, headers={HEADER_NAME: cuda_file(HEADER_NAME)},
                           use_cache=use_cache)
 
@@ -117,11 +124,11 @@ def unavailable_reason(problem) -> str:
 
 
 @lru_cache(maxsize=None)
-def _loaded(device_index: int, dtype: torch.dtype, skip_selection: bool = False):
+def _loaded(device_index: int, dtype: torch.dtype, variant: str = "kernel"):
     device = torch.device("cuda", device_index)
     config = pick_config(max_shared_memory(device))
     with torch.cuda.device(device):
-        built = build(cuda_rtc.device_arch(device), dtype, config, skip_selection=skip_selection)
+        built = build(cuda_rtc.device_arch(device), dtype, config, variant=variant)
         return cuda_rtc.LoadedKernel(built, config.smem_bytes), config
 
 
@@ -130,9 +137,9 @@ def _pad_rank(t: torch.Tensor, multiple: int = 16) -> torch.Tensor:
 
 
 def launch(x2: torch.Tensor, weight: torch.Tensor, bias, low_rank_in, low_rank_up, out: torch.Tensor,
-           norm_comp: bool, skip_selection: bool = False) -> torch.Tensor:
+           norm_comp: bool, variant: str = "kernel") -> torch.Tensor:
     """x2 (M, K), weight (N, K), bias (N,) or None, T (M, R16) and U (N, R16) or None, out (M, N)."""
-    kernel, config = _loaded(x2.device.index, x2.dtype, skip_selection)
+    kernel, config = _loaded(x2.device.index, x2.dtype, variant)
     m, k = x2.shape
     n = weight.shape[0]
     rank = 0 if low_rank_in is None else low_rank_in.shape[1]

@@ -172,6 +172,33 @@ def test_shared_memory_size_is_checked_against_the_kernel(tmp_path, monkeypatch)
                        headers={fused_cuda.HEADER_NAME: fused_cuda.cuda_file(fused_cuda.HEADER_NAME)})
 
 
+@needs_nvrtc
+@pytest.mark.parametrize("arch,config,hmma", [("sm_90", fused_cuda.TILE_CONFIGS[0], 64),
+                                              ("sm_80", fused_cuda.TILE_CONFIGS[1], 32)])
+def test_main_loop_is_one_block_with_one_barrier(arch, config, hmma):
+    """The design the performance depends on, checked in the SASS: per K tile one barrier, the
+    planned number of sparse MMAs per warp (2 k32 steps x slabs x n-tiles), and on the common path
+    no branch but the loop's own, so that the compression of tile k+1 and the MMAs of tile k sit in
+    one basic block that the scheduler can interleave."""
+    import sass_counts
+
+    if sass_counts.cuobjdump() is None:
+        pytest.skip("no cuobjdump (Triton's NVIDIA backend ships one)")
+    counts = {variant: sass_counts.loop_counts(sass_counts.disassemble(
+        fused_cuda.build(arch, torch.bfloat16, config, use_cache=False, variant=variant).cubin))
+        for variant in ("kernel", "common_path")}
+    common, kernel = counts["common_path"], counts["kernel"]
+    assert (common["hmma_sp"], common["barriers"], common["branches"]) == (hmma, 1, 1)
+    assert (kernel["hmma_sp"], kernel["barriers"]) == (hmma, 1)
+    assert common["opcodes"]["LDGSTS"] == (config.bm + config.bn) * 8 // fused_cuda.THREADS
+
+
+def test_unknown_build_variant_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown fused kernel variant 'fast'; variants: kernel, no_selection, "
+                                         "common_path"):
+        fused_cuda.build("sm_90", torch.bfloat16, fused_cuda.TILE_CONFIGS[0], variant="fast")
+
+
 def test_tile_config_is_chosen_by_shared_memory():
     assert fused_cuda.pick_config(227 * 1024) == fused_cuda.TileConfig(128, 256, 3)   # H100
     assert fused_cuda.pick_config(163 * 1024) == fused_cuda.TileConfig(128, 128, 3)   # A100
