@@ -22,7 +22,10 @@
 //   compressed matrix: lane (g = lane/4, t = lane%4) holds groups t and t+4 of rows g and g+8;
 // - metadata: with sparsity selector 0, lanes t=0 and t=1 of each quad supply it; lane t holds the
 //   nibbles of groups 4t..4t+3 of row g in bits 0-15 and of row g+8 in bits 16-31, each nibble
-//   idx0 | idx1 << 2 with idx0 < idx1.
+//   idx0 | idx1 << 2 with idx0 < idx1 (idx0 == idx1 is undefined behaviour).
+// OpenXLA's Triton sparse-dot lowering for Ampere (xla/service/gpu/triton_sparse_extensions.cc) uses
+// the same A register order and the same metadata assignment (lane t%2 holds 16 K columns, rows g
+// and g+8 packed low/high), an independent check of this reading of the PTX ISA.
 
 #ifndef BM
 #define BM 128
