@@ -92,11 +92,7 @@ def _sana():
 MODELS = {"DiTTransformer2DModel": _dit, "PixArtTransformer2DModel": _pixart, "SD3Transformer2DModel": _sd3,
           "FluxTransformer2DModel": _flux, "SanaTransformer2DModel": _sana}
 # The GEMMs that are not nn.Linear, as (module path, op, kind): only Sana's linear attention has any.
-NON_LINEAR_GEMMS = {
-    "DiTTransformer2DModel": [],
-    "PixArtTransformer2DModel": [],
-    "SD3Transformer2DModel": [],
-    "FluxTransformer2DModel": [],
+NON_LINEAR_GEMMS = {name: [] for name in MODELS} | {
     "SanaTransformer2DModel": [("transformer_blocks.0.attn1", "bmm", "matmul")] * 2,
 }
 

@@ -199,33 +199,27 @@ LYNX_FN void compress_chunk_fast(const u32* words, u32* packed, u32* meta, u32& 
 
 LYNX_FN void compress_chunk_finish(const u32* words, u32* packed, u32* meta, u32 key_max, float total,
                                    float kept, RowStats& st, bool norm_comp) {
-  if (SASS_COMMON_PATH) {
-    st.total += total;
-    st.kept += kept;
-    return;
-  }
-  if (key_max >= INF_BITS) {  // NaN or Inf in the chunk: redo with the exact rule; the row's scale is 1
-    st.nonfinite = 1;
-    meta[0] = meta[1] = 0u;
+  if (!SASS_COMMON_PATH) {
+    if (key_max >= INF_BITS) {  // NaN or Inf in the chunk: redo with the exact rule; the row's scale is 1
+      st.nonfinite = 1;
+      meta[0] = meta[1] = 0u;
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      u32 nibble;
-      packed[j] = select_2_of_4_exact(words[2 * j], words[2 * j + 1], nibble);
-      meta[j / 4] |= nibble << (4 * (j % 4));
+      for (int j = 0; j < 8; ++j) {
+        u32 nibble;
+        packed[j] = select_2_of_4_exact(words[2 * j], words[2 * j + 1], nibble);
+        meta[j / 4] |= nibble << (4 * (j % 4));
+      }
+      return;
     }
-    return;
+    const bool raw = st.exponent == 0 && key_max < RAW_SUMS_HI && (key_max >= RAW_SUMS_LO || st.total != 0.0f);
+    if (!raw) {  // the raw sums (the common case) cannot be used: rescale, then scaled sums
+      if (!norm_comp || st.nonfinite || key_max == 0) return;
+      const int e = exponent_of_magnitude(key_max);
+      if (st.total == 0.0f && st.exponent == 0 && e < -50) stats_rescale(st, e);  // a row of tiny values
+      if (e > st.exponent + 50) stats_rescale(st, e);
+      chunk_sums<true>(words, packed, pow2(-st.exponent), total, kept);
+    }
   }
-  const bool raw = st.exponent == 0 && key_max < RAW_SUMS_HI && (key_max >= RAW_SUMS_LO || st.total != 0.0f);
-  if (raw) {  // the common case
-    st.total += total;
-    st.kept += kept;
-    return;
-  }
-  if (!norm_comp || st.nonfinite || key_max == 0) return;
-  const int e = exponent_of_magnitude(key_max);
-  if (st.total == 0.0f && st.exponent == 0 && e < -50) stats_rescale(st, e);  // a row of tiny values
-  if (e > st.exponent + 50) stats_rescale(st, e);
-  chunk_sums<true>(words, packed, pow2(-st.exponent), total, kept);
   st.total += total;
   st.kept += kept;
 }
