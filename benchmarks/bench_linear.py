@@ -43,14 +43,15 @@ TIMING_ONLY = ("dense", "compress", "fused_no_select")  # routes whose output is
 RANK = 64
 
 
-def parse_shapes(text: str | None) -> list[tuple[int, int, int]]:
+def parse_shapes(text: str | None, prog: str = "bench_linear") -> list[tuple[int, int, int]]:
+    """Comma-separated MxKxN, or the DiT shape set; ``prog`` names the script in the error."""
     if not text:
         return [(m, k, n) for m in DIT_TOKENS for k, n in DIT_KN]
     shapes = []
     for item in text.split(","):
         parts = item.lower().split("x")
         if len(parts) != 3 or not all(p.isdigit() for p in parts):
-            raise SystemExit(f"bench_linear: shape {item!r} is not MxKxN")
+            raise SystemExit(f"{prog}: shape {item!r} is not MxKxN")
         shapes.append(tuple(int(p) for p in parts))
     return shapes
 
@@ -141,11 +142,15 @@ def make_pools(m, k, n, dtype, device, low_rank: bool, count: int):
     return pools
 
 
+def pool_count(m, k, n, dtype, device) -> int:
+    """How many input sets to rotate through so that together they exceed twice a 50 MB L2 cache."""
+    bytes_per_set = (m * k + k * n + m * n) * dtype.itemsize
+    return 1 if device == "cpu" else max(2, int(2 * 60e6 // bytes_per_set) + 1)
+
+
 def bench_shape(shape, routes, dtype, device, low_rank: bool):
     m, k, n = shape
-    bytes_per_set = (m * k + k * n + m * n) * dtype.itemsize
-    count = 1 if device == "cpu" else max(2, int(2 * 60e6 // bytes_per_set) + 1)  # > 2x a 50 MB L2
-    pools = make_pools(m, k, n, dtype, device, low_rank, count)
+    pools = make_pools(m, k, n, dtype, device, low_rank, pool_count(m, k, n, dtype, device))
     x, w_t, bias, lr_down, lr_up = pools[0]
     expected = reference.sparse_matmul(x, w_t, bias, lr_down, lr_up, n=2, m=4).float()
     rows = {}

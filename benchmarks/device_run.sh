@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything a lent GPU should run, in one call (the device tool's `run`), results under $OUT:
-#   bash benchmarks/device_run.sh            # CUDA kernel tests, then bench_linear on the DiT shapes
+#   bash benchmarks/device_run.sh            # CUDA kernel tests, bench_linear and tune_fused on the DiT shapes
 #   SHAPES=8192x3072x3072 bash benchmarks/device_run.sh
 # The device image has its own torch/Triton; the package is installed there without dependencies.
 set -u
@@ -17,3 +17,7 @@ grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
 timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/bench_linear.py --out "$OUT" ${SHAPES:+--shapes "$SHAPES"} \
   > "$OUT/bench_linear.log" 2>&1
 echo "bench_linear: exit $?"; tail -40 "$OUT/bench_linear.log"
+# Times each tile configuration of the fused kernel; it exits with the reason when the kernel cannot run.
+timeout "${TUNE_TIMEOUT:-240}" python3 benchmarks/tune_fused.py --out "$OUT" ${SHAPES:+--shapes "$SHAPES"} \
+  > "$OUT/tune_fused.log" 2>&1
+echo "tune_fused: exit $?"; tail -30 "$OUT/tune_fused.log"

@@ -87,9 +87,13 @@ class Build:
     log: str
 
 
+def cache_root() -> Path:
+    """``$LYNX_COMPILE_CACHE``, else ``~/.cache/lynx_compile``: builds and tuned tile tables live under it."""
+    return Path(os.environ.get("LYNX_COMPILE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lynx_compile"))
+
+
 def cache_dir() -> Path:
-    root = os.environ.get("LYNX_COMPILE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lynx_compile")
-    return Path(root) / "cuda"
+    return cache_root() / "cuda"
 
 
 def build(source: str, name: str, arch: str, defines: dict[str, int] | None = None,

@@ -1,7 +1,8 @@
 """The fused CUDA kernel: 2:4 compression of X in shared memory + ``mma.sp`` GEMM + fused epilogue.
 
-``cuda/fused_nm_gemm.cu`` holds the kernel and its design. This module picks a tile configuration for
-the device, builds it with NVRTC (``cuda_rtc``) once per (architecture, dtype, tiles), and launches it.
+``cuda/fused_nm_gemm.cu`` holds the kernel and its design. This module builds it with NVRTC
+(``cuda_rtc``) once per (architecture, dtype, tiles) and launches it, with the tile configuration that
+``fused_tiles`` chooses for each GEMM shape (a tuned table, else a wave model).
 
 Why its limits:
 - ``mma.sp`` is 2:4 only and fp16/bf16 here (sm_80+).
@@ -26,7 +27,7 @@ from importlib import resources
 import torch
 import torch.nn.functional as F
 
-from . import cuda_rtc, reference
+from . import cuda_rtc, fused_tiles, reference
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 BLOCK_K = 64
@@ -34,11 +35,25 @@ THREADS = 256
 KERNEL_NAME = "fused_nm_gemm"
 
 
+# ptxas's registers per thread (NVRTC 12.9; sm_80 and sm_90 alike): the occupancy model's input, in
+# fused_tiles. The build test checks that they still give the same CTAs per SM.
+REGISTERS_PER_THREAD = {(128, 256): 240, (128, 128): 180}
+
+
 @dataclass(frozen=True)
 class TileConfig:
     bm: int
     bn: int
     stages: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.bm}x{self.bn}x{self.stages}"
+
+    @property
+    def registers_per_cta(self) -> int:
+        """An unknown tile is taken to use the most a thread can have (255)."""
+        return REGISTERS_PER_THREAD.get((self.bm, self.bn), 255) * THREADS
 
     @property
     def smem_bytes(self) -> int:
@@ -53,7 +68,7 @@ class TileConfig:
                 "ORDERED_METADATA": int(ordered_metadata), "SMEM_BYTES": self.smem_bytes}
 
 
-# Largest first; the first that fits the device's shared memory is used (H100: the first; A100: the second).
+# Largest first: fused_tiles gives ties to the earlier one.
 TILE_CONFIGS = (TileConfig(128, 256, 3), TileConfig(128, 128, 3), TileConfig(128, 128, 2))
 
 
@@ -88,14 +103,14 @@ def build(arch: str, dtype: torch.dtype, config: TileConfig, use_cache: bool = T
                           use_cache=use_cache)
 
 
-def max_shared_memory(device=None) -> int:
-    """Opt-in shared memory per block; 48 KB where this torch does not report it."""
-    props = torch.cuda.get_device_properties(torch.cuda.current_device() if device is None else device)
-    return getattr(props, "shared_memory_per_block_optin", 48 * 1024)
+@lru_cache(maxsize=None)
+def device_info(device_index: int) -> fused_tiles.DeviceInfo:
+    return fused_tiles.DeviceInfo.of(torch.device("cuda", device_index))
 
 
-def pick_config(max_smem: int) -> TileConfig | None:
-    return next((c for c in TILE_CONFIGS if c.smem_bytes <= max_smem), None)
+def choose_config(device_index: int, dtype: torch.dtype, m: int, n: int, k: int) -> tuple[TileConfig, str]:
+    """The tile configuration for one GEMM on one device, and why (tuned table or wave model)."""
+    return fused_tiles.choose(device_info(device_index), dtype, m, n, k, TILE_CONFIGS)
 
 
 def unavailable_reason(problem) -> str:
@@ -117,19 +132,22 @@ def unavailable_reason(problem) -> str:
         return f"K={problem.k} is not a multiple of {BLOCK_K}"
     if isinstance(problem.n, int) and problem.n % 8:
         return f"N={problem.n} is not a multiple of 8"
-    smem = max_shared_memory()
-    if pick_config(smem) is None:
+    smem = device_info(torch.cuda.current_device()).max_smem_per_block
+    if not fused_tiles.fitting(TILE_CONFIGS, smem):
         return f"needs {TILE_CONFIGS[-1].smem_bytes} bytes of shared memory per block, the device has {smem}"
     return cuda_rtc.nvrtc_unavailable_reason()
 
 
 @lru_cache(maxsize=None)
-def _loaded(device_index: int, dtype: torch.dtype, variant: str = "kernel"):
+def _loaded(device_index: int, dtype: torch.dtype, variant: str, config: TileConfig) -> cuda_rtc.LoadedKernel:
+    info = device_info(device_index)
+    if config.smem_bytes > info.max_smem_per_block:
+        raise ValueError(f"tile configuration {config.name} needs {config.smem_bytes} bytes of shared memory per "
+                         f"block; {info.name} has {info.max_smem_per_block}")
     device = torch.device("cuda", device_index)
-    config = pick_config(max_shared_memory(device))
     with torch.cuda.device(device):
-        built = build(cuda_rtc.device_arch(device), dtype, config, variant=variant)
-        return cuda_rtc.LoadedKernel(built, config.smem_bytes), config
+        return cuda_rtc.LoadedKernel(build(cuda_rtc.device_arch(device), dtype, config, variant=variant),
+                                     config.smem_bytes)
 
 
 def _pad_rank(t: torch.Tensor, multiple: int = 16) -> torch.Tensor:
@@ -137,11 +155,15 @@ def _pad_rank(t: torch.Tensor, multiple: int = 16) -> torch.Tensor:
 
 
 def launch(x2: torch.Tensor, weight: torch.Tensor, bias, low_rank_in, low_rank_up, out: torch.Tensor,
-           norm_comp: bool, variant: str = "kernel") -> torch.Tensor:
-    """x2 (M, K), weight (N, K), bias (N,) or None, T (M, R16) and U (N, R16) or None, out (M, N)."""
-    kernel, config = _loaded(x2.device.index, x2.dtype, variant)
+           norm_comp: bool, variant: str = "kernel", config: TileConfig | None = None) -> torch.Tensor:
+    """x2 (M, K), weight (N, K), bias (N,) or None, T (M, R16) and U (N, R16) or None, out (M, N).
+
+    ``config`` overrides the per-shape choice (the tuning and benchmark scripts time each one)."""
     m, k = x2.shape
     n = weight.shape[0]
+    if config is None:
+        config, _ = choose_config(x2.device.index, x2.dtype, m, n, k)
+    kernel = _loaded(x2.device.index, x2.dtype, variant, config)
     rank = 0 if low_rank_in is None else low_rank_in.shape[1]
     tiles = -(-m // config.bm) * -(-n // config.bn)
     kernel.launch((tiles, 1, 1), (THREADS, 1, 1),

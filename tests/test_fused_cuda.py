@@ -11,13 +11,14 @@ Three layers, so that most of it is checked on a machine with no GPU:
 from __future__ import annotations
 
 import ctypes
+import re
 import shutil
 import subprocess
 
 import pytest
 import torch
 
-from lynx_compile.kernels import cuda_rtc, fused_cuda, reference, registry
+from lynx_compile.kernels import cuda_rtc, fused_cuda, fused_tiles, reference, registry
 
 HOST_WRAPPER = r"""
 #include "nm_compress.cuh"
@@ -147,6 +148,10 @@ def test_kernel_builds_for_each_target_without_spilling(tmp_path, monkeypatch, a
     built = fused_cuda.build(arch, dtype, config)
     assert f"Compiling entry function '{fused_cuda.KERNEL_NAME}' for '{arch}'" in built.log
     assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in built.log
+    # The occupancy model (fused_tiles) takes its registers from REGISTERS_PER_THREAD: still true?
+    used = int(re.search(r"Used (\d+) registers", built.log).group(1))
+    assert (fused_tiles.REGISTERS_PER_SM // (used * fused_cuda.THREADS)
+            == fused_tiles.REGISTERS_PER_SM // config.registers_per_cta), f"{used} registers"
     assert built.cubin[:4] == b"\x7fELF" and fused_cuda.KERNEL_NAME.encode() in built.cubin
     # The second build of the same source and options comes from the disk cache.
     assert fused_cuda.build(arch, dtype, config) == built
@@ -199,11 +204,13 @@ def test_unknown_build_variant_is_a_clear_error():
         fused_cuda.build("sm_90", torch.bfloat16, fused_cuda.TILE_CONFIGS[0], variant="fast")
 
 
-def test_tile_config_is_chosen_by_shared_memory():
-    assert fused_cuda.pick_config(227 * 1024) == fused_cuda.TileConfig(128, 256, 3)   # H100
-    assert fused_cuda.pick_config(163 * 1024) == fused_cuda.TileConfig(128, 128, 3)   # A100
-    assert fused_cuda.pick_config(99 * 1024) == fused_cuda.TileConfig(128, 128, 2)    # sm_86/89
-    assert fused_cuda.pick_config(48 * 1024) is None
+def test_a_tile_config_that_does_not_fit_is_refused_before_loading(monkeypatch):
+    """The per-shape choice is in test_fused_tiles.py; an explicit ``config`` is checked here."""
+    small = fused_tiles.DeviceInfo("Small GPU", 84, 100000, 102400)
+    monkeypatch.setattr(fused_cuda, "device_info", lambda index: small)
+    with pytest.raises(ValueError, match="^tile configuration 128x256x3 needs 186880 bytes of shared memory per "
+                                         "block; Small GPU has 100000$"):
+        fused_cuda._loaded(0, torch.bfloat16, "kernel", fused_cuda.TILE_CONFIGS[0])
 
 
 # ---- selection and reasons -----------------------------------------------------------------------
@@ -258,6 +265,23 @@ def test_fused_matches_reference_on_gpu(dtype, shape, extras):
     # fp32 accumulation in a different order, plus the low-rank T rounded once to the input dtype.
     tolerance = 2 * torch.finfo(dtype).eps * expected.abs().max().item()
     assert (got - expected).abs().max().item() <= tolerance
+
+
+@needs_fused
+@pytest.mark.parametrize("config", fused_cuda.TILE_CONFIGS, ids=lambda c: c.name)
+def test_every_tile_config_matches_reference_on_gpu(config):
+    """The per-shape choice may pick any configuration, so each is checked, not only the default."""
+    if config.smem_bytes > fused_cuda.device_info(torch.cuda.current_device()).max_smem_per_block:
+        pytest.skip(f"{config.name} does not fit this device")
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 1152, generator=gen).to("cuda", torch.bfloat16)
+    w = (torch.randn(264, 1152, generator=gen) / 1152 ** 0.5).to("cuda", torch.bfloat16)
+    bias = torch.randn(264, generator=gen).to("cuda", torch.bfloat16)
+    out = torch.empty(300, 264, device="cuda", dtype=torch.bfloat16)
+    fused_cuda.launch(x, w, bias, None, None, out, True, config=config)
+    expected = reference.sparse_matmul(x, w.t(), bias, n=2, m=4).float()
+    tolerance = 2 * torch.finfo(torch.bfloat16).eps * expected.abs().max().item()
+    assert (out.float() - expected).abs().max().item() <= tolerance
 
 
 @needs_fused
