@@ -1,11 +1,11 @@
 """Static instruction counts of the fused kernel's main loop, from its SASS (no GPU needed).
 
     python benchmarks/sass_counts.py                 # the default targets, table + JSON
-    python benchmarks/sass_counts.py --targets sm_90:bfloat16:128x256x3 --out /tmp
+    python benchmarks/sass_counts.py --targets sm_90:bfloat16:128x256x3,sm_90:bfloat16:128x256x4-wgmma --out /tmp
 
 The fused kernel is built with NVRTC (``kernels/fused_cuda.py``) and disassembled with ``cuobjdump``
 (the one that ships with Triton's NVIDIA backend, or $CUOBJDUMP, or one on PATH). The main loop is
-the innermost loop that holds the ``HMMA.SP`` instructions: from its first instruction to its
+the innermost loop that holds the sparse MMAs (``HMMA.SP``, or ``HGMMA.SP`` for the wgmma build): from its first instruction to its
 backward branch. Three builds per target:
   kernel        the kernel as it runs (its loop includes the rare NaN/Inf and rescaling branches)
   common_path   the rare branches compiled out: the instructions a K tile of finite data costs
@@ -37,9 +37,10 @@ from tabulate import tabulate
 
 from lynx_compile.kernels import cuda_rtc, fused_cuda
 
-DEFAULT_TARGETS = ("sm_90:bfloat16:128x256x3", "sm_90:float16:128x256x3", "sm_80:bfloat16:128x128x3")
+DEFAULT_TARGETS = ("sm_90:bfloat16:128x256x4-wgmma", "sm_90:bfloat16:128x256x3", "sm_90:float16:128x256x3",
+                   "sm_80:bfloat16:128x128x3")
 VARIANTS = ("kernel", "common_path", "no_selection")
-_LINE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)([^;]*);")
+_LINE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)([^;]*);")
 _BRANCH_TARGET = re.compile(r"0x([0-9a-f]+)")
 
 
@@ -92,8 +93,11 @@ def disassemble(cubin: bytes) -> list[Instruction]:
             for m in map(_LINE.match, sass.splitlines()) if m]
 
 
+SPARSE_MMA = ("HMMA.SP", "HGMMA.SP")  # mma.sp (warp) and wgmma.mma_async.sp (warpgroup)
+
+
 def main_loop(instructions: list[Instruction]) -> list[Instruction]:
-    """The smallest loop (a backward branch and its target) that contains an ``HMMA.SP``."""
+    """The smallest loop (a backward branch and its target) that contains a sparse MMA."""
     addresses = [i.address for i in instructions]
     best = None
     for end, ins in enumerate(instructions):
@@ -102,10 +106,10 @@ def main_loop(instructions: list[Instruction]) -> list[Instruction]:
             continue
         start = addresses.index(target)
         body = instructions[start:end + 1]
-        if any(i.opcode.startswith("HMMA.SP") for i in body) and (best is None or len(body) < len(best)):
+        if any(i.opcode.startswith(SPARSE_MMA) for i in body) and (best is None or len(body) < len(best)):
             best = body
     if best is None:
-        raise ValueError("no loop with HMMA.SP instructions in this SASS")
+        raise ValueError("no loop with sparse MMA instructions (HMMA.SP, HGMMA.SP) in this SASS")
     return best
 
 
@@ -115,6 +119,7 @@ def loop_counts(instructions: list[Instruction]) -> dict:
     return {
         "loop_instructions": len(loop),
         "hmma_sp": sum(i.opcode.startswith("HMMA.SP") for i in loop),
+        "hgmma_sp": sum(i.opcode.startswith("HGMMA.SP") for i in loop),
         "barriers": opcodes["BAR"],
         "branches": opcodes["BRA"],   # the back edge is one of them
         "opcodes": dict(opcodes.most_common()),
@@ -124,16 +129,17 @@ def loop_counts(instructions: list[Instruction]) -> dict:
 def parse_target(text: str) -> tuple[str, torch.dtype, fused_cuda.TileConfig]:
     try:
         arch, dtype_name, tiles = text.split(":")
-        bm, bn, stages = (int(v) for v in tiles.lower().split("x"))
+        tiles, _, mainloop = tiles.lower().partition("-")
+        bm, bn, stages = (int(v) for v in tiles.split("x"))
         dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype_name]
+        return arch, dtype, fused_cuda.TileConfig(bm, bn, stages, mainloop or "mma")
     except (ValueError, KeyError):
-        raise SystemExit(f"sass_counts: target {text!r} is not arch:dtype:BMxBNxSTAGES, "
+        raise SystemExit(f"sass_counts: target {text!r} is not arch:dtype:BMxBNxSTAGES[-wgmma], "
                          "e.g. sm_90:bfloat16:128x256x3 (dtype bfloat16 or float16)") from None
-    return arch, dtype, fused_cuda.TileConfig(bm, bn, stages)
 
 
 def count_target(arch: str, dtype: torch.dtype, config: fused_cuda.TileConfig) -> dict:
-    row = {"arch": arch, "dtype": str(dtype).removeprefix("torch."), "tile": f"{config.bm}x{config.bn}x{config.stages}"}
+    row = {"arch": config.arch(arch), "dtype": str(dtype).removeprefix("torch."), "tile": config.name}
     for variant in VARIANTS:
         built = fused_cuda.build(arch, dtype, config, use_cache=False, variant=variant)
         counts = loop_counts(disassemble(built.cubin))
@@ -156,10 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = [count_target(*target) for target in targets]
     table = [[r["arch"], r["dtype"], r["tile"], r["registers"], r["spill_bytes"], r["kernel"]["loop_instructions"],
               r["common_path"]["loop_instructions"], r["no_selection"]["loop_instructions"],
-              r["compression_instructions"], r["common_path"]["hmma_sp"], r["common_path"]["barriers"],
+              r["compression_instructions"], r["common_path"]["hmma_sp"] + r["common_path"]["hgmma_sp"],
+              r["common_path"]["barriers"],
               r["common_path"]["branches"]] for r in rows]
     headers = ["arch", "dtype", "tile", "regs", "spill B", "loop (kernel)", "loop (common path)",
-               "loop (no selection)", "compression", "HMMA.SP", "BAR", "BRA"]
+               "loop (no selection)", "compression", "sparse MMA", "BAR", "BRA"]
     print("Fused kernel main loop, instructions per thread per K tile of 64 (static SASS):")
     print(tabulate(table, headers=headers))
     date = datetime.date.today().isoformat()

@@ -30,21 +30,24 @@ from tabulate import tabulate
 import bench_linear
 from lynx_compile.kernels import fused_cuda, fused_tiles, reference, registry
 
-H100 = "NVIDIA H100 80GB HBM3,132,232448,233472"
+H100 = "NVIDIA H100 80GB HBM3,132,232448,233472,9.0"
 
 
 def parse_device_info(text: str) -> fused_tiles.DeviceInfo:
-    parts = text.rsplit(",", 3)
-    if len(parts) != 4 or not parts[0] or not all(p.strip().isdigit() for p in parts[1:]):
-        raise SystemExit(f"tune_fused: --device-info {text!r} is not NAME,SMS,SMEM_BLOCK,SMEM_SM, e.g. {H100!r}")
-    return fused_tiles.DeviceInfo(parts[0], *(int(p) for p in parts[1:]))
+    parts = text.rsplit(",", 4)
+    capability = parts[-1].strip().split(".")
+    if (len(parts) != 5 or not parts[0] or not all(p.strip().isdigit() for p in parts[1:4])
+            or len(capability) != 2 or not all(c.isdigit() for c in capability)):
+        raise SystemExit(f"tune_fused: --device-info {text!r} is not NAME,SMS,SMEM_BLOCK,SMEM_SM,CAPABILITY, "
+                         f"e.g. {H100!r}")
+    return fused_tiles.DeviceInfo(parts[0], *(int(p) for p in parts[1:4]), tuple(int(c) for c in capability))
 
 
 def dry_run_rows(info: fused_tiles.DeviceInfo, shapes) -> list[list]:
     """[MxKxN, config, tiles, waves] per shape, as the wave model predicts them (tuned tables not read)."""
     rows = []
     for m, k, n in shapes:
-        config, _ = fused_tiles.heuristic(info, m, n, fused_cuda.TILE_CONFIGS)
+        config, _ = fused_tiles.heuristic(info, m, n, fused_cuda.device_configs(info))
         prediction = fused_tiles.predict(info, config, m, n)
         rows.append([f"{m}x{k}x{n}", config.name, prediction.tiles, prediction.waves])
     return rows
@@ -57,7 +60,7 @@ def tune_shape(shape, dtype: torch.dtype, info: fused_tiles.DeviceInfo) -> dict:
     expected = reference.sparse_matmul(x, w_t, bias, n=2, m=4).float()
     tolerance = 2 * torch.finfo(dtype).eps * expected.abs().max().item()  # as tests/test_fused_cuda.py
     configs = {}
-    for config in fused_tiles.fitting(fused_cuda.TILE_CONFIGS, info.max_smem_per_block):
+    for config in fused_cuda.device_configs(info):
         def run(x, w_t, bias, lr_down, lr_up, config=config):
             out = torch.empty(x.shape[0], w_t.shape[1], dtype=x.dtype, device=x.device)
             return fused_cuda.launch(x, w_t.t(), bias, None, None, out, True, config=config)
@@ -73,7 +76,7 @@ def tune_shape(shape, dtype: torch.dtype, info: fused_tiles.DeviceInfo) -> dict:
             configs[config.name] = {"us": None, "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
     timed = {name: row["us"] for name, row in configs.items() if row["us"] is not None}
     best = min(timed, key=timed.get) if timed else None
-    heuristic, reason = fused_tiles.heuristic(info, m, n, fused_cuda.TILE_CONFIGS)
+    heuristic, reason = fused_tiles.heuristic(info, m, n, fused_cuda.device_configs(info))
     return {"shape": [m, k, n], "configs": configs, "best": best, "heuristic": heuristic.name,
             "heuristic_reason": reason, "agree": best == heuristic.name}
 
@@ -115,7 +118,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for the JSON report")
     parser.add_argument("--install", action="store_true", help="also write the tuned table to the user's cache")
     parser.add_argument("--dry-run", action="store_true", help="print the wave model's choices; time nothing")
-    parser.add_argument("--device-info", help=f"with --dry-run: NAME,SMS,SMEM_BLOCK,SMEM_SM (default {H100!r})")
+    parser.add_argument("--device-info", help=f"with --dry-run: NAME,SMS,SMEM_BLOCK,SMEM_SM,CAPABILITY (default {H100!r})")
     args = parser.parse_args(argv)
     shapes = bench_linear.parse_shapes(args.shapes, prog="tune_fused")
     if args.dry_run:
@@ -144,7 +147,7 @@ def main(argv=None) -> int:
         report["results"].append(result)
         path.write_text(json.dumps(report, indent=1))
         print(f"{'x'.join(map(str, shape))}: best {result['best']}, heuristic {result['heuristic']}", flush=True)
-    names = [c.name for c in fused_tiles.fitting(fused_cuda.TILE_CONFIGS, info.max_smem_per_block)]
+    names = [c.name for c in fused_cuda.device_configs(info)]
     print(tabulate(table_rows(report["results"], names),
                    headers=["MxKxN", *(f"{name} us" for name in names), "best", "heuristic", "agree"]))
     print(f"wrote {path}")

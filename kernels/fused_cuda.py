@@ -20,6 +20,8 @@ shows that it beats the cuSPARSELt route (see benchmarks/NOTES.md).
 from __future__ import annotations
 
 import ctypes
+import functools
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -35,9 +37,14 @@ THREADS = 256
 KERNEL_NAME = "fused_nm_gemm"
 
 
-# ptxas's registers per thread (NVRTC 12.9; sm_80 and sm_90 alike): the occupancy model's input, in
-# fused_tiles. The build test checks that they still give the same CTAs per SM.
-REGISTERS_PER_THREAD = {(128, 256): 240, (128, 128): 180}
+# Two main loops: "mma" (mma.sp.sync, warp-level, sm_80 and newer) and "wgmma" (wgmma.mma_async.sp,
+# warpgroup-level and asynchronous, sm_90a: compute capability 9.0 exactly). See the .cu file.
+MAINLOOPS = ("mma", "wgmma")
+
+# ptxas's registers per thread (NVRTC 12.9; for "mma", sm_80 and sm_90 alike): the occupancy model's
+# input, in fused_tiles. The build test checks that they still give the same CTAs per SM.
+REGISTERS_PER_THREAD = {("mma", 128, 256): 240, ("mma", 128, 128): 180,
+                        ("wgmma", 128, 256): 254, ("wgmma", 128, 128): 194}
 
 
 @dataclass(frozen=True)
@@ -45,34 +52,56 @@ class TileConfig:
     bm: int
     bn: int
     stages: int
+    mainloop: str = "mma"
+
+    def __post_init__(self):
+        if self.mainloop not in MAINLOOPS:
+            raise ValueError(f"unknown fused main loop {self.mainloop!r}; main loops: {', '.join(MAINLOOPS)}")
 
     @property
     def name(self) -> str:
-        return f"{self.bm}x{self.bn}x{self.stages}"
+        """"128x256x3" (mma.sp), "128x256x4-wgmma"."""
+        return f"{self.bm}x{self.bn}x{self.stages}" + ("" if self.mainloop == "mma" else f"-{self.mainloop}")
 
     @property
     def registers_per_cta(self) -> int:
         """An unknown tile is taken to use the most a thread can have (255)."""
-        return REGISTERS_PER_THREAD.get((self.bm, self.bn), 255) * THREADS
+        return REGISTERS_PER_THREAD.get((self.mainloop, self.bm, self.bn), 255) * THREADS
 
     @property
     def smem_bytes(self) -> int:
-        """Must match ``SharedTiles`` in the .cu file."""
-        pitch = BLOCK_K + 8
-        tiles = self.stages * (self.bm + self.bn) * pitch * 2
+        """Must match ``SharedTiles`` in the .cu file, plus the wgmma build's alignment slack."""
+        wgmma = self.mainloop == "wgmma"
+        x_tiles = self.stages * self.bm * (BLOCK_K + 8) * 2
+        w_tiles = self.stages * self.bn * (BLOCK_K if wgmma else BLOCK_K + 8) * 2  # wgmma: 128-byte swizzled rows
         compressed = 2 * (self.bm // 16) * (BLOCK_K // 32) * 32 * (4 * 4 + 2 * 2)  # double-buffered
-        return tiles + compressed + 4 * self.bm
+        return x_tiles + w_tiles + compressed + 4 * self.bm + (1024 - 16 if wgmma else 0)
+
+    def arch(self, device_arch: str) -> str:
+        """The NVRTC target: the wgmma build needs sm_90a, whose code runs on compute capability 9.0 only."""
+        if self.mainloop == "wgmma":
+            if device_arch not in ("sm_90", "sm_90a"):
+                raise ValueError(f"tile configuration {self.name} needs sm_90 (wgmma.mma_async.sp), not {device_arch}")
+            return "sm_90a"
+        return device_arch
 
     def defines(self, dtype: torch.dtype, ordered_metadata: bool) -> dict[str, int]:
         return {"BM": self.bm, "BN": self.bn, "STAGES": self.stages, "IS_BF16": int(dtype == torch.bfloat16),
-                "ORDERED_METADATA": int(ordered_metadata), "SMEM_BYTES": self.smem_bytes}
+                "ORDERED_METADATA": int(ordered_metadata), "MAINLOOP_WGMMA": int(self.mainloop == "wgmma"),
+                "SMEM_BYTES": self.smem_bytes}
 
 
-# Largest first: fused_tiles gives ties to the earlier one.
-TILE_CONFIGS = (TileConfig(128, 256, 3), TileConfig(128, 128, 3), TileConfig(128, 128, 2))
+# Largest first, and on sm_90 wgmma first: fused_tiles gives ties to the earlier one.
+TILE_CONFIGS = (TileConfig(128, 256, 4, "wgmma"), TileConfig(128, 128, 4, "wgmma"),
+                TileConfig(128, 256, 3), TileConfig(128, 128, 3), TileConfig(128, 128, 2))
 
 
-HEADER_NAME = "nm_compress.cuh"
+def configs_for(capability: tuple[int, int]) -> tuple[TileConfig, ...]:
+    """The configurations a device of this compute capability can build: wgmma on 9.0 only."""
+    return tuple(c for c in TILE_CONFIGS if c.mainloop == "mma" or tuple(capability) == (9, 0))
+
+
+HEADERS = ("nm_compress.cuh", "wgmma_sp.cuh")
 
 
 def cuda_file(name: str) -> str:
@@ -99,8 +128,8 @@ def build(arch: str, dtype: torch.dtype, config: TileConfig, use_cache: bool = T
     if variant not in VARIANTS:
         raise ValueError(f"unknown fused kernel variant {variant!r}; variants: {', '.join(VARIANTS)}")
     defines = config.defines(dtype, ordered_metadata_supported()) | VARIANTS[variant]
-    return cuda_rtc.build(source(), KERNEL_NAME, arch, defines, headers={HEADER_NAME: cuda_file(HEADER_NAME)},
-                          use_cache=use_cache)
+    return cuda_rtc.build(source(), KERNEL_NAME, config.arch(arch), defines,
+                          headers={name: cuda_file(name) for name in HEADERS}, use_cache=use_cache)
 
 
 @lru_cache(maxsize=None)
@@ -108,9 +137,42 @@ def device_info(device_index: int) -> fused_tiles.DeviceInfo:
     return fused_tiles.DeviceInfo.of(torch.device("cuda", device_index))
 
 
+def device_configs(info: fused_tiles.DeviceInfo) -> tuple[TileConfig, ...]:
+    """The configurations this device can build and hold in shared memory."""
+    return fused_tiles.fitting(configs_for(info.capability), info.max_smem_per_block)
+
+
+# Configurations that failed the compile-time self-test, per (device index, dtype): {name: why}.
+_REJECTED: dict[tuple[int, torch.dtype], dict[str, str]] = {}
+
+
+def usable_configs(device_index: int, dtype: torch.dtype) -> tuple[TileConfig, ...]:
+    rejected = _REJECTED.get((device_index, dtype), {})
+    return tuple(c for c in configs_for(device_info(device_index).capability) if c.name not in rejected)
+
+
 def choose_config(device_index: int, dtype: torch.dtype, m: int, n: int, k: int) -> tuple[TileConfig, str]:
     """The tile configuration for one GEMM on one device, and why (tuned table or wave model)."""
-    return fused_tiles.choose(device_info(device_index), dtype, m, n, k, TILE_CONFIGS)
+    return fused_tiles.choose(device_info(device_index), dtype, m, n, k, usable_configs(device_index, dtype))
+
+
+def self_test(device: torch.device, dtype: torch.dtype, check) -> str:
+    """Check every configuration this device can use (``check(run)``: "" or why the result is wrong).
+
+    The choice is per shape, so one good configuration says nothing about the others. A configuration
+    that fails is not used on this device from then on, with a warning; the kernel fails its
+    self-test only when none passes.
+    """
+    index = torch.cuda.current_device() if device.index is None else device.index
+    configs = device_configs(device_info(index))
+    failures = {c.name: check(functools.partial(sparse_matmul, config=c)) for c in configs}
+    _REJECTED[(index, dtype)] = {name: why for name, why in failures.items() if why}
+    if len(_REJECTED[(index, dtype)]) == len(configs):
+        return "; ".join(f"{name}: {why}" for name, why in failures.items()) or "no tile configuration fits"
+    for name, why in _REJECTED[(index, dtype)].items():
+        warnings.warn(f"fused kernel: tile configuration {name} failed its self-test on cuda:{index} ({why}); "
+                      f"the other configurations are used", stacklevel=2)
+    return ""
 
 
 def unavailable_reason(problem) -> str:
@@ -132,9 +194,10 @@ def unavailable_reason(problem) -> str:
         return f"K={problem.k} is not a multiple of {BLOCK_K}"
     if isinstance(problem.n, int) and problem.n % 8:
         return f"N={problem.n} is not a multiple of 8"
-    smem = device_info(torch.cuda.current_device()).max_smem_per_block
-    if not fused_tiles.fitting(TILE_CONFIGS, smem):
-        return f"needs {TILE_CONFIGS[-1].smem_bytes} bytes of shared memory per block, the device has {smem}"
+    info = device_info(torch.cuda.current_device())
+    if not device_configs(info):
+        return (f"needs {TILE_CONFIGS[-1].smem_bytes} bytes of shared memory per block, the device has "
+                f"{info.max_smem_per_block}")
     return cuda_rtc.nvrtc_unavailable_reason()
 
 
@@ -172,8 +235,10 @@ def launch(x2: torch.Tensor, weight: torch.Tensor, bias, low_rank_in, low_rank_u
     return out
 
 
-def sparse_matmul(x, other, bias=None, lr_down=None, lr_up=None, *, n: int, m: int, norm_comp: bool = True):
-    """Same contract as ``reference.sparse_matmul`` (without ``min_tokens``, decided by the op)."""
+def sparse_matmul(x, other, bias=None, lr_down=None, lr_up=None, *, n: int, m: int, norm_comp: bool = True,
+                  config: TileConfig | None = None):
+    """Same contract as ``reference.sparse_matmul`` (without ``min_tokens``, decided by the op);
+    ``config`` overrides the per-shape tile choice."""
     reference.check_sparse_matmul_args(x, other, bias, lr_down, lr_up, n, m)
     if (n, m) != (2, 4) or x.dtype not in SUPPORTED_DTYPES or not x.is_cuda or other.dim() != 2:
         raise ValueError(f"the fused kernel runs 2:4 fp16/bf16 2-D GEMMs on CUDA, got {n}:{m} {x.dtype} on "
@@ -188,5 +253,6 @@ def sparse_matmul(x, other, bias=None, lr_down=None, lr_up=None, *, n: int, m: i
         low_rank_in = _pad_rank(x2 @ lr_down).contiguous()
         low_rank_up = _pad_rank(lr_up.t()).contiguous()
     out = torch.empty(x2.shape[0], n_out, dtype=x.dtype, device=x.device)
-    launch(x2, weight, None if bias is None else bias.contiguous(), low_rank_in, low_rank_up, out, norm_comp)
+    launch(x2, weight, None if bias is None else bias.contiguous(), low_rank_in, low_rank_up, out, norm_comp,
+           config=config)
     return out.reshape(*x.shape[:-1], n_out)

@@ -40,13 +40,15 @@ class DeviceInfo:
     sm_count: int
     max_smem_per_block: int   # opt-in dynamic shared memory per block
     max_smem_per_sm: int
+    capability: tuple[int, int] = (0, 0)  # which main loops can build (wgmma: 9.0)
 
     @classmethod
     def of(cls, device=None) -> DeviceInfo:
         props = torch.cuda.get_device_properties(torch.cuda.current_device() if device is None else device)
         per_block = getattr(props, "shared_memory_per_block_optin", 48 * 1024)
         return cls(props.name, getattr(props, "multi_processor_count", 1), per_block,
-                   getattr(props, "shared_memory_per_multiprocessor", per_block))
+                   getattr(props, "shared_memory_per_multiprocessor", per_block),
+                   (getattr(props, "major", 0), getattr(props, "minor", 0)))
 
 
 def device_slug(name: str) -> str:

@@ -7,6 +7,7 @@ path, so ``auto`` never picks Triton there; ``kernel="triton"`` still forces it.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -35,6 +36,9 @@ class Kernel:
     run: Callable[..., torch.Tensor]
     unavailable_reason: Callable[[Problem], str]  # "" when it can run the problem
     auto_devices: tuple[str, ...]                 # where kernel="auto" may choose it, in preference order
+    # A kernel with several builds tests each: self_test(device, dtype, check) with check(run) -> ""
+    # or why run's result is wrong; returns "" or why the kernel cannot be used. None: check(run).
+    self_test: Callable[..., str] | None = None
 
 
 _KERNELS: dict[str, Kernel] = {}
@@ -77,12 +81,18 @@ def self_test(kernel: Kernel, device: torch.device, dtype: torch.dtype, pattern:
 
 
 def _run_self_test(kernel: Kernel, device, dtype, pattern) -> str:
+    check = functools.partial(_check_against_reference, device=device, dtype=dtype, pattern=pattern)
+    return check(kernel.run) if kernel.self_test is None else kernel.self_test(device, dtype, check)
+
+
+def _check_against_reference(run, device, dtype, pattern) -> str:
+    """Several K tiles of 64 and partial M and N tiles, so that a pipelined kernel is exercised."""
     n, m = pattern
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(32, 16 * m, generator=gen).to(device, dtype)
-    w = torch.randn(16, 16 * m, generator=gen).to(device, dtype)
+    x = torch.randn(40, 64 * m, generator=gen).to(device, dtype)
+    w = torch.randn(24, 64 * m, generator=gen).to(device, dtype)
     try:
-        got = kernel.run(x, w.t(), None, None, None, n=n, m=m, norm_comp=True).float()
+        got = run(x, w.t(), None, None, None, n=n, m=m, norm_comp=True).float()
         expected = reference.sparse_matmul(x, w.t(), n=n, m=m).float()
         tolerance = 4 * torch.finfo(dtype).eps * expected.abs().max().item() + 1e-6
         error = (got - expected).abs().max().item()
@@ -104,4 +114,4 @@ register_kernel(Kernel("cusparselt", cusparselt.sparse_matmul, cusparselt.unavai
 register_kernel(Kernel("triton", triton_sparse_mm.sparse_matmul, _triton_reason, ("cuda",)))
 register_kernel(Kernel("reference", reference.sparse_matmul, lambda problem: "", ("cpu", "cuda")))
 # Opt-in until a GPU benchmark shows it ahead of cuSPARSELt (benchmarks/NOTES.md): "auto" never picks it.
-register_kernel(Kernel("fused", fused_cuda.sparse_matmul, fused_cuda.unavailable_reason, ()))
+register_kernel(Kernel("fused", fused_cuda.sparse_matmul, fused_cuda.unavailable_reason, (), fused_cuda.self_test))

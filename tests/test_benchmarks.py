@@ -56,25 +56,27 @@ def test_tune_fused_dry_run_prints_the_wave_model_choice(capsys):
     assert lines[0] == ("NVIDIA H100 80GB HBM3: 132 SMs, 232448 B shared memory per block, 233472 B per SM; "
                         "the wave model's choice (unmeasured)")
     assert lines[1].split() == ["MxKxN", "config", "tiles", "waves"]
-    assert [line.split() for line in lines[3:]] == [["1024x1152x1152", "128x128x3", "72", "1"],
-                                                    ["8192x3072x3072", "128x256x3", "768", "6"],
-                                                    ["8192x3072x12288", "128x128x3", "6144", "47"]]
+    # Compute capability 9.0: the wgmma configurations come first and win the model's ties.
+    assert [line.split() for line in lines[3:]] == [["1024x1152x1152", "128x128x4-wgmma", "72", "1"],
+                                                    ["8192x3072x3072", "128x256x4-wgmma", "768", "6"],
+                                                    ["8192x3072x12288", "128x128x4-wgmma", "6144", "47"]]
 
 
 def test_tune_fused_dry_run_for_another_device(capsys):
     import tune_fused
 
     assert tune_fused.main(["--dry-run", "--shapes", "1024x3072x3072", "--device-info",
-                            "NVIDIA A100-SXM4-80GB,108,166912,167936"]) == 0
+                            "NVIDIA A100-SXM4-80GB,108,166912,167936,8.0"]) == 0
     assert capsys.readouterr().out.splitlines()[-1].split() == ["1024x3072x3072", "128x128x3", "192", "2"]
 
 
 def test_tune_fused_errors(monkeypatch):
     import tune_fused
 
-    with pytest.raises(SystemExit, match="^tune_fused: --device-info 'H100,132' is not NAME,SMS,SMEM_BLOCK,SMEM_SM, "
-                                         "e.g. 'NVIDIA H100 80GB HBM3,132,232448,233472'$"):
-        tune_fused.main(["--dry-run", "--device-info", "H100,132"])
+    for bad in ("H100,132", "H100,132,232448,233472", "H100,132,232448,233472,9"):
+        with pytest.raises(SystemExit, match=f"^tune_fused: --device-info '{bad}' is not NAME,SMS,SMEM_BLOCK,SMEM_SM,"
+                                             "CAPABILITY, e.g. 'NVIDIA H100 80GB HBM3,132,232448,233472,9.0'$"):
+            tune_fused.main(["--dry-run", "--device-info", bad])
     with pytest.raises(SystemExit, match="^tune_fused: shape '64x64' is not MxKxN$"):
         tune_fused.main(["--dry-run", "--shapes", "64x64"])
     with pytest.raises(SystemExit, match="^tune_fused: --device-info is only for --dry-run"):

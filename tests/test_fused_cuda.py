@@ -52,7 +52,7 @@ def host_compress(tmp_path_factory):
     compiler = shutil.which("g++") or shutil.which("c++")
     assert compiler, "a C++ compiler is needed (Inductor's CPU backend needs one too)"
     folder = tmp_path_factory.mktemp("host_compress")
-    (folder / "nm_compress.cuh").write_text(fused_cuda.cuda_file(fused_cuda.HEADER_NAME))
+    (folder / "nm_compress.cuh").write_text(fused_cuda.cuda_file("nm_compress.cuh"))
     (folder / "wrapper.cpp").write_text(HOST_WRAPPER)
     libraries = {}
     for dtype in (torch.bfloat16, torch.float16):
@@ -139,15 +139,21 @@ NVRTC_REASON = cuda_rtc.nvrtc_unavailable_reason()
 needs_nvrtc = pytest.mark.skipif(bool(NVRTC_REASON), reason=f"NVRTC unavailable: {NVRTC_REASON}")
 
 
+MMA_CONFIGS = tuple(c for c in fused_cuda.TILE_CONFIGS if c.mainloop == "mma")
+WGMMA_CONFIGS = tuple(c for c in fused_cuda.TILE_CONFIGS if c.mainloop == "wgmma")
+BUILD_TARGETS = [(arch, c) for c in MMA_CONFIGS for arch in ("sm_80", "sm_90")] + [("sm_90", c) for c in WGMMA_CONFIGS]
+
+
 @needs_nvrtc
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("config", fused_cuda.TILE_CONFIGS, ids=lambda c: f"{c.bm}x{c.bn}x{c.stages}")
+@pytest.mark.parametrize("arch,config", BUILD_TARGETS, ids=[f"{a}-{c.name}" for a, c in BUILD_TARGETS])
 def test_kernel_builds_for_each_target_without_spilling(tmp_path, monkeypatch, arch, dtype, config):
     monkeypatch.setenv("LYNX_COMPILE_CACHE", str(tmp_path))
     built = fused_cuda.build(arch, dtype, config)
-    assert f"Compiling entry function '{fused_cuda.KERNEL_NAME}' for '{arch}'" in built.log
+    assert f"Compiling entry function '{fused_cuda.KERNEL_NAME}' for '{config.arch(arch)}'" in built.log
     assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in built.log
+    # ptxas says when it cannot keep wgmma instructions in flight (it then waits after each one).
+    assert "serialized" not in built.log
     # The occupancy model (fused_tiles) takes its registers from REGISTERS_PER_THREAD: still true?
     used = int(re.search(r"Used (\d+) registers", built.log).group(1))
     assert (fused_tiles.REGISTERS_PER_SM // (used * fused_cuda.THREADS)
@@ -170,16 +176,15 @@ def test_build_errors_carry_the_nvrtc_log(tmp_path, monkeypatch):
 def test_shared_memory_size_is_checked_against_the_kernel(tmp_path, monkeypatch):
     """``TileConfig.smem_bytes`` is what the launch reserves; the build asserts it equals the kernel's."""
     monkeypatch.setenv("LYNX_COMPILE_CACHE", str(tmp_path))
-    config = fused_cuda.TILE_CONFIGS[1]
-    defines = config.defines(torch.bfloat16, True) | {"SMEM_BYTES": config.smem_bytes + 16}
-    with pytest.raises(cuda_rtc.CudaBuildError, match="smem_bytes must match SharedTiles"):
-        cuda_rtc.build(fused_cuda.source(), fused_cuda.KERNEL_NAME, "sm_80", defines,
-                       headers={fused_cuda.HEADER_NAME: fused_cuda.cuda_file(fused_cuda.HEADER_NAME)})
+    for config in (MMA_CONFIGS[1], WGMMA_CONFIGS[1]):
+        defines = config.defines(torch.bfloat16, True) | {"SMEM_BYTES": config.smem_bytes + 16}
+        with pytest.raises(cuda_rtc.CudaBuildError, match="smem_bytes must match SharedTiles"):
+            cuda_rtc.build(fused_cuda.source(), fused_cuda.KERNEL_NAME, config.arch("sm_90"), defines,
+                           headers={name: fused_cuda.cuda_file(name) for name in fused_cuda.HEADERS})
 
 
 @needs_nvrtc
-@pytest.mark.parametrize("arch,config,hmma", [("sm_90", fused_cuda.TILE_CONFIGS[0], 64),
-                                              ("sm_80", fused_cuda.TILE_CONFIGS[1], 32)])
+@pytest.mark.parametrize("arch,config,hmma", [("sm_90", MMA_CONFIGS[0], 64), ("sm_80", MMA_CONFIGS[1], 32)])
 def test_main_loop_is_one_block_with_one_barrier(arch, config, hmma):
     """The design the performance depends on, checked in the SASS: per K tile one barrier, the
     planned number of sparse MMAs per warp (2 k32 steps x slabs x n-tiles), and on the common path
@@ -198,6 +203,36 @@ def test_main_loop_is_one_block_with_one_barrier(arch, config, hmma):
     assert common["opcodes"]["LDGSTS"] == (config.bm + config.bn) * 8 // fused_cuda.THREADS
 
 
+@needs_nvrtc
+@pytest.mark.parametrize("config", WGMMA_CONFIGS, ids=lambda c: c.name)
+def test_wgmma_main_loop_issues_the_tile_and_compresses_while_it_runs(config):
+    """The wgmma build's loop: both k32 steps of a tile go to the tensor cores as 2 asynchronous
+    HGMMA.SP of the full 64 x BN warpgroup tile, between one WARPGROUP.ARRIVE (wgmma.fence) and the one
+    wait at the end of the iteration; the compression of the next tile sits between them, in the
+    same basic block on the common path. One barrier, and the shared-memory proxy fence before it."""
+    import sass_counts
+
+    if sass_counts.cuobjdump() is None:
+        pytest.skip("no cuobjdump (Triton's NVIDIA backend ships one)")
+    instructions = sass_counts.disassemble(
+        fused_cuda.build("sm_90", torch.bfloat16, config, use_cache=False, variant="common_path").cubin)
+    loop = sass_counts.main_loop(instructions)
+    counts = sass_counts.loop_counts(instructions)
+    assert (counts["hgmma_sp"], counts["hmma_sp"], counts["barriers"], counts["branches"]) == (2, 0, 1, 1)
+    opcodes = [i.opcode for i in loop]
+    assert {o for o in opcodes if o.startswith("HGMMA")} == {f"HGMMA.SP.64x{config.bn}x32.F32.BF16"}
+    arrive, wait = opcodes.index("WARPGROUP.ARRIVE"), opcodes.index("WARPGROUP.DEPBAR.LE")
+    first, last = (i for i, o in enumerate(opcodes) if o.startswith("HGMMA"))
+    assert arrive < first < last < wait == len(opcodes) - 2  # then the back edge
+    assert opcodes.count("WARPGROUP.ARRIVE") == opcodes.count("WARPGROUP.DEPBAR.LE") == 1
+    # The next tile's top-2 selection and packing (integer min/max, byte permutes) run while the
+    # products are in flight: after the first HGMMA is issued and before the wait.
+    selection = [i for i, o in enumerate(opcodes) if o.startswith(("VIMNMX", "PRMT"))]
+    overlapped = [i for i in selection if first < i < wait]
+    assert len(selection) >= 80 and len(overlapped) >= 0.95 * len(selection)
+    assert opcodes.index("FENCE.VIEW.ASYNC.S") < opcodes.index("BAR.SYNC.DEFER_BLOCKING")
+
+
 def test_unknown_build_variant_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown fused kernel variant 'fast'; variants: kernel, no_selection, "
                                          "common_path"):
@@ -210,7 +245,7 @@ def test_a_tile_config_that_does_not_fit_is_refused_before_loading(monkeypatch):
     monkeypatch.setattr(fused_cuda, "device_info", lambda index: small)
     with pytest.raises(ValueError, match="^tile configuration 128x256x3 needs 186880 bytes of shared memory per "
                                          "block; Small GPU has 100000$"):
-        fused_cuda._loaded(0, torch.bfloat16, "kernel", fused_cuda.TILE_CONFIGS[0])
+        fused_cuda._loaded(0, torch.bfloat16, "kernel", MMA_CONFIGS[0])
 
 
 # ---- selection and reasons -----------------------------------------------------------------------
@@ -271,8 +306,8 @@ def test_fused_matches_reference_on_gpu(dtype, shape, extras):
 @pytest.mark.parametrize("config", fused_cuda.TILE_CONFIGS, ids=lambda c: c.name)
 def test_every_tile_config_matches_reference_on_gpu(config):
     """The per-shape choice may pick any configuration, so each is checked, not only the default."""
-    if config.smem_bytes > fused_cuda.device_info(torch.cuda.current_device()).max_smem_per_block:
-        pytest.skip(f"{config.name} does not fit this device")
+    if config not in fused_cuda.device_configs(fused_cuda.device_info(torch.cuda.current_device())):
+        pytest.skip(f"{config.name} does not fit this device, or needs compute capability 9.0")
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(300, 1152, generator=gen).to("cuda", torch.bfloat16)
     w = (torch.randn(264, 1152, generator=gen) / 1152 ** 0.5).to("cuda", torch.bfloat16)

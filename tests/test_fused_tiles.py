@@ -11,9 +11,12 @@ import pytest
 import torch
 
 from lynx_compile.kernels import fused_cuda, fused_tiles
-from lynx_compile.kernels.fused_cuda import TILE_CONFIGS, TileConfig
+from lynx_compile.kernels.fused_cuda import TileConfig
 
-H100 = fused_tiles.DeviceInfo("NVIDIA H100 80GB HBM3", 132, 232448, 233472)
+# The model does not depend on the main loop: these tests use the mma.sp configurations, which every
+# sm_80+ device has (the wgmma ones are checked at the end).
+TILE_CONFIGS = fused_cuda.configs_for((8, 0))
+H100 = fused_tiles.DeviceInfo("NVIDIA H100 80GB HBM3", 132, 232448, 233472, (9, 0))
 BF16 = torch.bfloat16
 SHIPPED_DIR = fused_tiles.SHIPPED_DIR  # the fixture below points the module at an empty folder
 
@@ -62,7 +65,7 @@ def test_configs_that_fit_a_device(smem, names):
 
 
 def test_device_info_from_torch_with_fallbacks(monkeypatch):
-    full = SimpleNamespace(name="NVIDIA H100 80GB HBM3", multi_processor_count=132,
+    full = SimpleNamespace(name="NVIDIA H100 80GB HBM3", multi_processor_count=132, major=9, minor=0,
                            shared_memory_per_block_optin=232448, shared_memory_per_multiprocessor=233472)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: full)
     assert fused_tiles.DeviceInfo.of(0) == H100
@@ -240,8 +243,50 @@ def test_shipped_tables_are_well_formed():
 
 def test_kernel_choice_goes_through_the_tuned_table(tmp_path, monkeypatch):
     monkeypatch.setattr(fused_cuda, "device_info", lambda index: H100)
-    assert fused_cuda.choose_config(0, BF16, 1024, 1152, 1152) == (TileConfig(128, 128, 3),
-                                                                  "heuristic: 1 wave of 128x128x3 on 132 SMs")
+    assert fused_cuda.choose_config(0, BF16, 1024, 1152, 1152) == (
+        TileConfig(128, 128, 4, "wgmma"), "heuristic: 1 wave of 128x128x4-wgmma on 132 SMs")
     path = write_table(user_dir(tmp_path), [entry(1024, 1152, 1152, "128x256x3")])
     assert fused_cuda.choose_config(0, BF16, 1024, 1152, 1152) == (TileConfig(128, 256, 3),
                                                                   f"tuned: {path} (M=1024 entry)")
+
+
+# ---- the two main loops ---------------------------------------------------------------------------
+
+def test_wgmma_configs_only_on_compute_capability_9_0():
+    wgmma = ["128x256x4-wgmma", "128x128x4-wgmma"]
+    mma = ["128x256x3", "128x128x3", "128x128x2"]
+    assert [c.name for c in fused_cuda.configs_for((9, 0))] == wgmma + mma  # wgmma first: it wins ties
+    for capability in ((8, 0), (8, 9), (10, 0), (12, 0)):  # sm_90a code runs on 9.0 only
+        assert [c.name for c in fused_cuda.configs_for(capability)] == mma
+    assert [c.name for c in fused_cuda.device_configs(H100)] == wgmma + mma
+    a100 = fused_tiles.DeviceInfo("NVIDIA A100-SXM4-80GB", 108, 166912, 167936, (8, 0))
+    assert [c.name for c in fused_cuda.device_configs(a100)] == ["128x128x3", "128x128x2"]
+
+
+def test_wgmma_config_shared_memory_and_target():
+    big, small = (c for c in fused_cuda.TILE_CONFIGS if c.mainloop == "wgmma")
+    # W rows are 128 bytes (no padding, swizzled), plus 1008 bytes to align the base to 1024.
+    assert (big.smem_bytes, small.smem_bytes) == (226800, 161264)
+    assert big.arch("sm_90") == "sm_90a" and TILE_CONFIGS[0].arch("sm_90") == "sm_90"
+    with pytest.raises(ValueError, match="^tile configuration 128x256x4-wgmma needs sm_90 \\(wgmma.mma_async.sp\\), "
+                                         "not sm_80$"):
+        big.arch("sm_80")
+    with pytest.raises(ValueError, match="^unknown fused main loop 'wmma'; main loops: mma, wgmma$"):
+        TileConfig(128, 128, 3, "wmma")
+
+
+def test_a_config_that_fails_its_self_test_is_not_used(monkeypatch):
+    monkeypatch.setattr(fused_cuda, "device_info", lambda index: H100)
+    monkeypatch.setattr(fused_cuda, "_REJECTED", {})
+    wgmma_wrong = lambda run: "self-test error 3 > tolerance 0.1" if run.keywords["config"].mainloop == "wgmma" else ""
+    with pytest.warns(UserWarning) as warned:
+        assert fused_cuda.self_test(torch.device("cuda", 0), BF16, wgmma_wrong) == ""
+    assert [str(w.message) for w in warned] == [
+        f"fused kernel: tile configuration {name} failed its self-test on cuda:0 (self-test error 3 > tolerance 0.1); "
+        "the other configurations are used" for name in ("128x256x4-wgmma", "128x128x4-wgmma")]
+    assert [c.name for c in fused_cuda.usable_configs(0, BF16)] == ["128x256x3", "128x128x3", "128x128x2"]
+    assert fused_cuda.choose_config(0, BF16, 1024, 1152, 1152)[0] == TileConfig(128, 128, 3)
+    assert len(fused_cuda.usable_configs(0, torch.float16)) == 5  # per dtype
+    # The kernel fails its self-test only when no configuration passes, and says why for each.
+    assert fused_cuda.self_test(torch.device("cuda", 0), BF16, lambda run: "wrong") == (
+        "128x256x4-wgmma: wrong; 128x128x4-wgmma: wrong; 128x256x3: wrong; 128x128x3: wrong; 128x128x2: wrong")

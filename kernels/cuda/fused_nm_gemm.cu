@@ -17,6 +17,11 @@
 // operand never reaches global memory. Row statistics for the norm scale are accumulated by the
 // compressing threads as they go.
 //
+// MAINLOOP_WGMMA (sm_90a) replaces step (3): two warpgroups each issue one asynchronous
+// wgmma.mma_async.sp.m64n{BN}k32 per k32 step, A from registers (loaded from the same compressed
+// tile), W from 128-byte-swizzled shared memory through a descriptor (wgmma_sp.cuh), and wait for
+// them only after compressing tile kt + 1.
+//
 // Layout facts this relies on (PTX ISA, "Matrix fragments for sparse mma.m16n8k32 .f16/.bf16"):
 // - the compressed A fragment has the layout of the dense m16n8k16 A fragment applied to the 16x16
 //   compressed matrix: lane (g = lane/4, t = lane%4) holds groups t and t+4 of rows g and g+8;
@@ -45,21 +50,35 @@
 #ifndef ORDERED_METADATA
 #define ORDERED_METADATA 1
 #endif
+#ifndef MAINLOOP_WGMMA
+#define MAINLOOP_WGMMA 0
+#endif
 
 #define BK 64
 #define THREADS 256
+#if MAINLOOP_WGMMA
+// sm_90a: two warpgroups, each multiplies 64 rows by the whole N tile with wgmma.mma_async.sp
+// (wgmma_sp.cuh). Per warp that is 16 rows x BN columns, which the epilogue sees as a 8 x 1 warp grid.
+#define WARPS_M 8
+#define WARPS_N 1
+#define W_PITCH BK  // 128-byte rows, 128-byte swizzled: the layout the wgmma descriptor reads
+#else
 #define WARPS_M 2
 #define WARPS_N 4
+#define W_PITCH PITCH
+#endif
 #define WM (BM / WARPS_M)
 #define WN (BN / WARPS_N)
 #define MI (WM / 16)
 #define NI (WN / 8)
 #define KSTEPS (BK / 32)
+#define SMEM_ALIGN (MAINLOOP_WGMMA ? 1024 : 16)  // bytes; fused_cuda.TileConfig.smem_bytes adds SMEM_ALIGN - 16
 #define PITCH (BK + 8)  // elements per shared row: 144 bytes keeps ldmatrix and the compressor conflict-free
 
 static_assert(BM * KSTEPS == THREADS, "one compressing thread per (row, k32 step) of the X tile");
 static_assert(WM % 16 == 0 && WN % 8 == 0, "warp tile must be whole mma tiles");
 static_assert((BM * (BK / 8)) % THREADS == 0 && (BN * (BK / 8)) % THREADS == 0, "whole 16-byte copies per thread");
+static_assert(!MAINLOOP_WGMMA || (BM == 128 && BK * 2 == 128), "wgmma build: two 64-row warpgroups, 128-byte K rows");
 
 #include "nm_compress.cuh"
 
@@ -74,6 +93,10 @@ __device__ __forceinline__ u32 pack2(float lo, float hi) {
   asm("cvt.rn." MMA_TYPE "x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
   return r;
 }
+
+#if MAINLOOP_WGMMA
+#include "wgmma_sp.cuh"
+#endif
 
 #if ORDERED_METADATA
 #define MMA_SP "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32." MMA_TYPE "." MMA_TYPE ".f32 "
@@ -110,15 +133,18 @@ __device__ __forceinline__ void ldmatrix_x4(u32* r, const void* p) {
                : "r"(smem_addr(p)));
 }
 
+// W first: with MAINLOOP_WGMMA every W stage (BN x 128 bytes) is then 1024-byte aligned, as the
+// 128-byte swizzle needs, once the base is (see SMEM_ALIGN).
 struct SharedTiles {
+  u16 w[STAGES][BN][W_PITCH];
   u16 x[STAGES][BM][PITCH];
-  u16 w[STAGES][BN][PITCH];
   u32 a[2][BM / 16][KSTEPS][32][4];     // compressed A, double-buffered, in mma.sp fragment order
   u16 meta[2][BM / 16][KSTEPS][32][2];  // metadata words, lanes with t = 0, 1 used
   float scale[BM];
 };
 #ifdef SMEM_BYTES
-static_assert(sizeof(SharedTiles) == SMEM_BYTES, "fused_cuda.TileConfig.smem_bytes must match SharedTiles");
+static_assert(sizeof(SharedTiles) + SMEM_ALIGN - 16 == SMEM_BYTES,
+              "fused_cuda.TileConfig.smem_bytes must match SharedTiles and its alignment");
 #endif
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
@@ -126,7 +152,13 @@ fused_nm_gemm(const u16* __restrict__ X, const u16* __restrict__ W, const u16* _
               const u16* __restrict__ T, const u16* __restrict__ U, u16* __restrict__ Y, int M, int N, int K,
               int R, int norm_comp) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
+#if MAINLOOP_WGMMA
+  // The dynamic shared memory base is only guaranteed 16-byte aligned: round it up (the launch
+  // reserves SMEM_ALIGN extra bytes).
+  SharedTiles& sh = *reinterpret_cast<SharedTiles*>(smem_raw + ((SMEM_ALIGN - (smem_addr(smem_raw) % SMEM_ALIGN)) % SMEM_ALIGN));
+#else
   SharedTiles& sh = *reinterpret_cast<SharedTiles*>(smem_raw);
+#endif
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int warp_m = warp / WARPS_N, warp_n = warp % WARPS_N;
@@ -160,13 +192,19 @@ fused_nm_gemm(const u16* __restrict__ X, const u16* __restrict__ W, const u16* _
     w_rows |= (u32)(r < N - col0) << i;
     w_offset[i] = r < N - col0 ? 2u * r * K : 0u;
   }
-  // Shared addresses of this thread's first copy in stage 0; the rest are constant offsets.
-  const u32 x_dst = smem_addr(&sh.x[0][copy_row][copy_col]), w_dst = smem_addr(&sh.w[0][copy_row][copy_col]);
-  constexpr u32 COPY_STEP_BYTES = COPY_STEP * PITCH * 2;
-  auto copy_rows = [&](u32 dst, const u16* tile, const u32* offset, u32 rows, int count) {
+  // Shared addresses of this thread's first copy in stage 0; the rest are constant offsets. COPY_STEP
+  // is a multiple of 8 rows, so the swizzled chunk of the wgmma build's W copies is the same for all.
+  const u32 x_dst = smem_addr(&sh.x[0][copy_row][copy_col]);
+#if MAINLOOP_WGMMA
+  static_assert(COPY_STEP % 8 == 0, "one swizzled chunk per thread");
+  const u32 w_dst = smem_addr(&sh.w[0][0][0]) + sw128_offset(copy_row, copy_col / 8);
+#else
+  const u32 w_dst = smem_addr(&sh.w[0][copy_row][copy_col]);
+#endif
+  auto copy_rows = [&](u32 dst, u32 step_bytes, const u16* tile, const u32* offset, u32 rows, int count) {
     const char* bytes = reinterpret_cast<const char*>(tile);
 #pragma unroll
-    for (int i = 0; i < count; ++i) cp_async_16(dst + i * COPY_STEP_BYTES, bytes + offset[i], (rows & (1u << i)) != 0);
+    for (int i = 0; i < count; ++i) cp_async_16(dst + i * step_bytes, bytes + offset[i], (rows & (1u << i)) != 0);
   };
   // Commit group j holds X tile j and W tile j - 1: X runs one tile ahead, because tile kt + 1 is
   // compressed while the tensor cores work on tile kt. Tiles outside [0, k_tiles) are zero-filled
@@ -174,10 +212,10 @@ fused_nm_gemm(const u16* __restrict__ X, const u16* __restrict__ W, const u16* _
   const int k_tiles = K / BK;
   auto load_group = [&](int j) {
     const int xt = min(j, k_tiles - 1), wt = max(min(j - 1, k_tiles - 1), 0);
-    copy_rows(x_dst + (j % STAGES) * (u32)sizeof(sh.x[0]), x_src + xt * BK, x_offset, j < k_tiles ? x_rows : 0u,
-              X_COPIES);
-    copy_rows(w_dst + ((j + STAGES - 1) % STAGES) * (u32)sizeof(sh.w[0]), w_src + wt * BK, w_offset,
-              j >= 1 && j - 1 < k_tiles ? w_rows : 0u, W_COPIES);
+    copy_rows(x_dst + (j % STAGES) * (u32)sizeof(sh.x[0]), COPY_STEP * PITCH * 2, x_src + xt * BK, x_offset,
+              j < k_tiles ? x_rows : 0u, X_COPIES);
+    copy_rows(w_dst + ((j + STAGES - 1) % STAGES) * (u32)sizeof(sh.w[0]), COPY_STEP * W_PITCH * 2, w_src + wt * BK,
+              w_offset, j >= 1 && j - 1 < k_tiles ? w_rows : 0u, W_COPIES);
     cp_async_commit();
   };
 
@@ -239,12 +277,35 @@ fused_nm_gemm(const u16* __restrict__ X, const u16* __restrict__ W, const u16* _
   // tile k_tiles, which adds nothing to the statistics and is never multiplied.
   for (int kt = 0; kt < k_tiles; ++kt) {
     cp_async_wait<STAGES - 2>();  // groups <= kt + 1 have landed: X tile kt + 1 and W tile kt
+#if MAINLOOP_WGMMA
+    fence_proxy_async();  // this thread's copies of W tile kt, visible to the wgmma (async proxy)
+#endif
     // Also: compressed tile kt is complete, and every warp is done with W tile kt - 1 and with
     // compressed buffer (kt + 1) % 2, which this iteration refills.
     __syncthreads();
     load_group(kt + STAGES);  // X tile kt + STAGES and W tile kt + STAGES - 1, into freed stages
 
     const int buf = kt & 1, stage = kt % STAGES;
+#if MAINLOOP_WGMMA
+    // Both k32 steps of tile kt go to the tensor cores asynchronously; the warps compress tile
+    // kt + 1 meanwhile and wait for the products only at the end of the iteration, before the next
+    // barrier lets W stage kt be refilled.
+    u32 a[KSTEPS][4], e[KSTEPS];
+#pragma unroll
+    for (int ks = 0; ks < KSTEPS; ++ks) {
+      const uint4 frag = *reinterpret_cast<const uint4*>(&sh.a[buf][warp][ks][lane][0]);
+      a[ks][0] = frag.x; a[ks][1] = frag.y; a[ks][2] = frag.z; a[ks][3] = frag.w;
+      e[ks] = *reinterpret_cast<const u32*>(&sh.meta[buf][warp][ks][lane][0]);
+    }
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < KSTEPS; ++ks)
+      wgmma_sp<BN>(&acc[0][0][0], a[ks], sw128_desc(smem_addr(&sh.w[stage][0][0]) + ks * 64), e[ks]);
+    wgmma_commit();
+    compress_fast(kt + 1);
+    compress_finish(kt + 1);
+    wgmma_wait<0>();
+#else
 #pragma unroll
     for (int ks = 0; ks < KSTEPS; ++ks) {
       u32 a[MI][4], e[MI];
@@ -265,8 +326,17 @@ fused_nm_gemm(const u16* __restrict__ X, const u16* __restrict__ W, const u16* _
       if (ks == 0) compress_fast(kt + 1);
     }
     compress_finish(kt + 1);
+#endif
   }
   cp_async_wait<0>();
+#if MAINLOOP_WGMMA
+  // The accumulators were last written by asynchronous instructions: keep the epilogue's reads
+  // after the final wgmma_wait.
+#pragma unroll
+  for (int j = 0; j < NI; ++j)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) asm volatile("" : "+f"(acc[0][j][c])::"memory");
+#endif
 
   // ---- norm scale per row: combine the KSTEPS threads that compressed each row -----------------
   {
