@@ -40,6 +40,17 @@ DEFAULT_BLOCK_N = 64
 DEFAULT_BLOCK_K = 64
 
 
+def gemm_launch_options(dtype: torch.dtype) -> dict:
+    """Triton compile options for the GEMM kernel on ``dtype`` operands.
+
+    GPUs of compute capability 8.6 and 8.9 (RTX 30 and 40 series, A10, L4) give a block at most
+    99 KB of shared memory. With Triton's default of 3 pipeline stages, the fp32 64x64x64 tiles need
+    112 KB and the launch fails there; 2 stages need 64 KB. ``tests/test_triton_aot.py`` compiles the
+    kernels for those GPUs on the CPU and checks the shared memory of each dtype.
+    """
+    return {"num_stages": 2} if dtype == torch.float32 else {}
+
+
 def unavailable_reason(device_type: str, dtype: torch.dtype, shape: tuple) -> str:
     """"" when this kernel can run for (device type, dtype, (M, K, N)), else the reason.
 
@@ -195,7 +206,7 @@ def _gemm(values, indices, scale, other, bias, t, lr_up, *, n, m, block_m, block
             *(c3.stride() if c3 is not None else zeros3), *out.stride(),
             NS=n, MS=m, HAS_LR=t3 is not None, HAS_BIAS=c3 is not None,
             BF16_RNE=out.dtype == torch.bfloat16 and is_interpreted(_sparse_mm_kernel),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, **gemm_launch_options(out.dtype),
         )
     return out.reshape(out_shape)
 
