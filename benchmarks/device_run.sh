@@ -16,7 +16,7 @@ STEPS=${STEPS:-tests bench tune}
 step() { [[ " $STEPS " == *" $1 "* ]]; }
 if step tests; then
 timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_fused_cuda.py \
-  tests/test_kernel_selection.py tests/test_triton_kernels.py > "$OUT/tests.log" 2>&1
+  tests/test_kernel_selection.py tests/test_triton_kernels.py tests/test_triton_op.py > "$OUT/tests.log" 2>&1
 echo "kernel tests: exit $?"; grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
 grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
 fi

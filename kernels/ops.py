@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import dense_mode, reference
+from . import dense_mode, reference, triton_ops  # noqa: F401  (triton_ops registers rtlynx::triton_sparse_matmul)
 from .registry import get_kernel
 
 
@@ -89,8 +89,7 @@ def sparse_matmul(
         return reference.dense_matmul(x, other, bias)
     if perm is not None:
         x, other = x.index_select(-1, perm), other.index_select(-2, perm)
-    if comp_bias is not None:
-        bias = ((bias.float() if bias is not None else 0.0) + comp_bias).to(x.dtype)
+    bias = reference.fold_comp_bias(x, bias, comp_bias)
     return get_kernel(impl).run(x, other, bias, lr_down, lr_up, n=n, m=m, norm_comp=norm_comp)
 
 

@@ -96,6 +96,13 @@ def check_compressed(values, indices, scale) -> None:
                          f"{tuple(scale.shape)}")
 
 
+def fold_comp_bias(x: torch.Tensor, bias: torch.Tensor | None, comp_bias: torch.Tensor | None):
+    """The bias with a plan's fp32 bias correction added, rounded once to x's dtype."""
+    if comp_bias is None:
+        return bias
+    return ((bias.float() if bias is not None else 0.0) + comp_bias).to(x.dtype)
+
+
 def dense_matmul(x: torch.Tensor, other: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The exact dense layer, for M below ``min_tokens``: every kernel falls back to this."""
     y = torch.matmul(x, other)

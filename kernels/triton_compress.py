@@ -180,12 +180,31 @@ def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
     return torch.full(shape, fill, dtype=dtype, device=device)
 
 
-def pow2_block(size: int, cap: int, floor: int = 1) -> int:
-    """The power of two covering ``size``, clipped to ``[floor, cap]``."""
+def pow2_block(size, cap: int, floor: int = 1) -> int:
+    """The power of two covering ``size``, clipped to ``[floor, cap]``; ``cap`` for a symbolic size.
+
+    A traced launch (``traceable=True``) with a dynamic dim gets the cap: comparing the SymInt here
+    would add a guard, and a recompile each time the dim crosses a power of two.
+    """
+    if not isinstance(size, int):
+        return cap
     return max(floor, min(cap, triton.next_power_of_2(max(1, size))))
 
 
-def _check_perm(perm: torch.Tensor, x: torch.Tensor) -> None:
+def launchable(kernel, traceable: bool):
+    """``kernel``, or ``wrap_triton(kernel)`` so that make_fx records its launch as a graph node.
+
+    Traced launches are how ``rtlynx::triton_sparse_matmul`` (a ``triton_op``) lets Inductor see and
+    launch the kernels. The interpreter's kernels are not traceable and run as they are.
+    """
+    if not traceable or is_interpreted(kernel):
+        return kernel
+    from torch.library import wrap_triton
+
+    return wrap_triton(kernel)
+
+
+def _check_perm(perm: torch.Tensor, x: torch.Tensor, check_values: bool = True) -> None:
     k = x.shape[-1]
     if perm.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"perm must be an int64 (or int32) tensor, got {perm.dtype}")
@@ -193,8 +212,9 @@ def _check_perm(perm: torch.Tensor, x: torch.Tensor) -> None:
         raise ValueError(f"perm must have shape ({k},) to permute the K={k} channels of x, got {tuple(perm.shape)}")
     if perm.device != x.device:
         raise ValueError(f"perm is on {perm.device} but x is on {x.device}")
-    # One small reduction (a host sync on GPU); an out-of-range index would read out of bounds.
-    if k and (int(perm.min()) < 0 or int(perm.max()) >= k):
+    # One small reduction (a host sync on GPU); an out-of-range index would read out of bounds. A
+    # traced launch cannot read values: its perm comes from a plan, which Plan.load checks.
+    if check_values and k and (int(perm.min()) < 0 or int(perm.max()) >= k):
         raise ValueError(f"perm values must lie in [0, {k}); got [{int(perm.min())}, {int(perm.max())}]")
 
 
@@ -207,15 +227,18 @@ def compress(
     *,
     block_rows: int = DEFAULT_BLOCK_ROWS,
     block_k: int = DEFAULT_BLOCK_K,
+    traceable: bool = False,
 ):
     """Triton version of :func:`reference.compress` (same outputs), optionally on ``x[..., perm]``.
 
     Returns values ``(..., K*n/m)`` in x's dtype, uint8 in-group indices (ascending in each
     group) and the fp32 per-row scale ``(...)``. ``block_rows`` / ``block_k`` set the tile (rows,
     K columns); they are rounded to powers of two and capped by the problem size. x is read in
-    place when its leading dims fold into rows (any row stride, any column stride).
+    place when its leading dims fold into rows (any row stride, any column stride). With
+    ``traceable=True`` the launch goes through ``wrap_triton`` (see :func:`launchable`).
     """
-    values, indices, scale = _launch(x, n, m, norm_comp, perm, block_rows, block_k, pruned=False)
+    values, indices, scale = _launch(x, n, m, norm_comp, perm, block_rows, block_k, pruned=False,
+                                     traceable=traceable)
     return values, indices, scale
 
 
@@ -228,18 +251,19 @@ def prune(
     *,
     block_rows: int = DEFAULT_BLOCK_ROWS,
     block_k: int = DEFAULT_BLOCK_K,
+    traceable: bool = False,
 ):
     """``(decompress(compress(x)), scale)`` in one pass: x with the dropped values zeroed, and the
     per-row scale. It is the dense 2:4 layout that ``torch._cslt_compress`` packs for cuSPARSELt."""
-    pruned, _, scale = _launch(x, n, m, norm_comp, perm, block_rows, block_k, pruned=True)
+    pruned, _, scale = _launch(x, n, m, norm_comp, perm, block_rows, block_k, pruned=True, traceable=traceable)
     return pruned, scale
 
 
-def _launch(x, n, m, norm_comp, perm, block_rows, block_k, *, pruned: bool):
+def _launch(x, n, m, norm_comp, perm, block_rows, block_k, *, pruned: bool, traceable: bool):
     reference.check_pattern(n, m)
     reference.check_operand(x, m)
     if perm is not None:
-        _check_perm(perm, x)
+        _check_perm(perm, x, check_values=not traceable)
     require_triton(x.device)
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(math.prod(lead), k)
@@ -251,7 +275,7 @@ def _launch(x, n, m, norm_comp, perm, block_rows, block_k, *, pruned: bool):
     if rows:
         block_r = pow2_block(rows, block_rows)
         block_g = pow2_block(groups, max(1, block_k // m))
-        _compress_kernel[(triton.cdiv(rows, block_r),)](
+        launchable(_compress_kernel, traceable)[(triton.cdiv(rows, block_r),)](
             x2, perm if perm is not None else x2, values, indices, scale,
             rows, groups, x2.stride(0), x2.stride(1),
             N=n, M=m, HAS_PERM=perm is not None, NORM_COMP=bool(norm_comp), PRUNED=pruned,

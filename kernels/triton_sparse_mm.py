@@ -32,7 +32,8 @@ import torch
 
 from . import reference
 from .triton_compress import (
-    compress, is_interpreted, new_output, pow2_block, require_triton, tl, triton, triton_unavailable_reason,
+    compress, is_interpreted, launchable, new_output, pow2_block, require_triton, tl, triton,
+    triton_unavailable_reason,
 )
 
 DEFAULT_BLOCK_M = 64
@@ -159,7 +160,7 @@ def _check_compressed(values, indices, scale, other, bias, n, m) -> None:
         raise ValueError(f"compressed dim {values.shape[-1]} is not a multiple of N={n}")
 
 
-def _gemm(values, indices, scale, other, bias, t, lr_up, *, n, m, block_m, block_n, block_k):
+def _gemm(values, indices, scale, other, bias, t, lr_up, *, n, m, block_m, block_n, block_k, traceable=False):
     """Launch the GEMM on checked, compressed A; ``t`` is ``x @ lr_down`` in fp32 (or None)."""
     require_triton(values.device)
     kc = values.shape[-1]
@@ -197,7 +198,7 @@ def _gemm(values, indices, scale, other, bias, t, lr_up, *, n, m, block_m, block
         bk, br = pow2_block(k, block_k, 16), pow2_block(rank, 64, 16)
         zeros3 = (0, 0, 0)
         grid = (triton.cdiv(mr, bm), triton.cdiv(n_out, bn), nb)
-        _sparse_mm_kernel[grid](
+        launchable(_sparse_mm_kernel, traceable)[grid](
             v3, i3, s2, b3,
             t3 if t3 is not None else out, u3 if u3 is not None else out, c3 if c3 is not None else out, out,
             mr, n_out, k, rank,
@@ -234,17 +235,24 @@ def sparse_matmul(
     block_m: int = DEFAULT_BLOCK_M,
     block_n: int = DEFAULT_BLOCK_N,
     block_k: int = DEFAULT_BLOCK_K,
+    perm: torch.Tensor | None = None,
+    traceable: bool = False,
 ) -> torch.Tensor:
     """Triton :func:`reference.sparse_matmul`: ``s * S(x) @ other + (x @ lr_down) @ lr_up + bias``.
 
     ``other`` is (K, N) or (B, K, N), any strides; rows fewer than ``min_tokens`` take the exact
     dense torch path, as in the reference. ``x @ lr_down`` (M x R, R small) is computed in fp32
-    with torch, and its product with ``lr_up`` is accumulated in the GEMM's epilogue.
+    with torch, and its product with ``lr_up`` is accumulated in the GEMM's epilogue. With ``perm``,
+    the groups are formed over ``x[..., perm]``, gathered as the compress kernel loads x (``other``
+    and ``lr_down`` must already be in that order). ``traceable`` launches through ``wrap_triton``.
     """
     reference.check_sparse_matmul_args(x, other, bias, lr_down, lr_up, n, m)
     if x.shape[-2] < min_tokens:
         return reference.dense_matmul(x, other, bias)
-    values, indices, scale = compress(x, n, m, norm_comp)
+    values, indices, scale = compress(x, n, m, norm_comp, perm, traceable=traceable)
+    if perm is not None and lr_down is not None:  # x @ lr_down[perm^-1] == x[..., perm] @ lr_down
+        inverse = torch.argsort(perm)
+        lr_down = lr_down.gather(0, inverse.unsqueeze(-1).expand(lr_down.shape))  # traces like permute_rows
     t = torch.matmul(x.float(), lr_down.float()) if lr_down is not None else None
     return _gemm(values, indices, scale, other, bias, t, lr_up, n=n, m=m,
-                 block_m=block_m, block_n=block_n, block_k=block_k)
+                 block_m=block_m, block_n=block_n, block_k=block_k, traceable=traceable)

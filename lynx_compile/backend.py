@@ -16,6 +16,7 @@ from torch import fx
 
 from . import report as reports
 from .config import LynxConfig
+from .kernels import dense_mode
 from .log import log
 from .passes.lynx_pass import LynxPass
 
@@ -92,6 +93,32 @@ def finish_report(lynx_pass: LynxPass, config: LynxConfig) -> None:
         log.info("rtlynx graph %d: dump written to %s", lynx_pass.graph_index, where)
 
 
+def may_have_inlined_kernels(lynx_pass: LynxPass, config: LynxConfig, example_inputs) -> bool:
+    """Whether the compiled graph may launch inlined Triton kernels, which cannot read ``run_dense()``.
+
+    Without a report (an FX graph cache hit) it is not known, so any graph with a CUDA input that
+    was compiled with ``triton_op=True`` counts.
+    """
+    if not config.triton_op:
+        return False
+    if lynx_pass.report is not None:
+        return any(record.launch == "inductor" for record in lynx_pass.report.records)
+    return any(isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in example_inputs)
+
+
+def dense_inside_run_dense(compiled, captured: fx.GraphModule):
+    """``compiled``, except inside ``run_dense()``, where the graph Dynamo captured runs, eagerly and dense.
+
+    Inlined kernels are fixed when the graph is compiled, so they cannot read the switch at run
+    time as ``rtlynx::sparse_matmul`` does. The captured graph holds the original dense layers,
+    and running it needs no recompile.
+    """
+    def run(*args):
+        return captured(*args) if dense_mode.active() else compiled(*args)
+
+    return run
+
+
 def load_plan(config: LynxConfig):
     """The calibration plan named by ``options["plan"]``, checked against the options; None without one."""
     if config.plan is None:
@@ -115,12 +142,14 @@ def rtlynx(gm: fx.GraphModule, example_inputs, *, mode: str | None = None,
     mode = config.mode if mode in (None, "default") else mode
     graph_index = next_graph_index()
     param_inputs = frozenset(i for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter))
-    lynx_pass = LynxPass(config, graph_index, param_inputs, load_plan(config))
+    lynx_pass = LynxPass(config, graph_index, param_inputs, load_plan(config), inline_triton=config.triton_op)
     if config.inner == "eager":
         compiled = _compile_eager(gm, example_inputs, lynx_pass)
     else:
         compiled = _compile_inductor(gm, example_inputs, lynx_pass, config, mode)
     finish_report(lynx_pass, config)
+    if may_have_inlined_kernels(lynx_pass, config, example_inputs):
+        return dense_inside_run_dense(compiled, gm)
     return compiled
 
 

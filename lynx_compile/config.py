@@ -63,6 +63,7 @@ class LynxConfig:
     min_tokens: int | str = DEFAULT_MIN_TOKENS
     device_profile: str | None = None
     kernel: str = "auto"
+    triton_op: bool = True
     inner: str = "inductor"
     mode: str | None = None
     inductor_config: tuple[tuple[str, Any], ...] = ()
@@ -110,7 +111,7 @@ def _normalise(key: str, value: Any) -> Any:
         return one_of(key, value, INNER_COMPILERS)
     if key == "mode":
         return one_of(key, value, MODES)
-    if key in ("norm_comp", "strict"):
+    if key in ("norm_comp", "strict", "triton_op"):
         return as_bool(key, value)
     if key in ("include", "exclude"):
         return as_regex_tuple(key, value)

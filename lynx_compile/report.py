@@ -63,6 +63,10 @@ class GemmRecord:
     # With a calibration plan: what compensates this layer, and the plan's measured relative errors.
     compensation: str = ""
     plan_errors: dict | None = None
+    # Who launches the kernels of a rewritten GEMM: "op" (rtlynx::sparse_matmul, from Python) or
+    # "inductor" (the Triton kernels inlined into the graph); "" when dense.
+    launch: str = ""
+    launch_reason: str = ""  # why a Triton GEMM stays an op
 
     @classmethod
     def from_decision(cls, site, decision, config, cost: dict | None = None) -> "GemmRecord":

@@ -20,6 +20,7 @@ from ..policy import decide, estimate
 from ..report import GemmRecord, GraphReport
 from .gemm_sites import as_gemm_site
 from .graph_artifacts import readable, region_svgs, repro_source
+from .inline_triton import inline_blocker, inline_triton_kernels
 from .rewrite_gemm import rewrite_gemm
 
 _PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -37,11 +38,16 @@ def _source_digest() -> str:
 
 
 class LynxPass(CustomGraphPass):
-    """Rewrites the forward graph in place; ``self.report`` holds the result of the last call."""
+    """Rewrites the forward graph in place; ``self.report`` holds the result of the last call.
+
+    With ``inline_triton`` (the backend sets it from the ``triton_op`` option; exported programs keep
+    the ops), GEMMs that run the Triton kernels on CUDA are then inlined (``inline_triton.py``).
+    """
 
     def __init__(self, config: LynxConfig, graph_index: int = 0, param_inputs: frozenset[int] | None = None,
-                 plan=None):
+                 plan=None, inline_triton: bool = False):
         self.config = config
+        self.inline_triton = inline_triton
         self.plan = plan
         self.param_inputs = param_inputs
         self.graph_index = graph_index
@@ -51,7 +57,7 @@ class LynxPass(CustomGraphPass):
         config = self.config
         _trace_artifact("rtlynx_graph_before", lambda: readable(graph))
         artifacts = {"graph_before.py": readable(graph)} if config.dump_dir else {}
-        records, rewritten = [], []
+        records, rewritten = [], {}  # rewritten: new node -> its record
         # Classify each node only when reached: earlier rewrites replace nodes later GEMMs consume.
         for node in list(graph.nodes):
             site = as_gemm_site(node, self.param_inputs)
@@ -64,9 +70,13 @@ class LynxPass(CustomGraphPass):
                       f"{config.pattern} via {decision.kernel}" if decision.rewrite else f"dense ({decision.reason})")
             if decision.rewrite:
                 n, m = config.nm
-                rewritten.append(rewrite_gemm(graph, site, n=n, m=m, norm_comp=config.norm_comp,
-                                              min_tokens=decision.min_tokens, kernel=decision.kernel,
-                                              plan_layer=decision.plan_layer))
+                new = rewrite_gemm(graph, site, n=n, m=m, norm_comp=config.norm_comp,
+                                   min_tokens=decision.min_tokens, kernel=decision.kernel,
+                                   plan_layer=decision.plan_layer)
+                rewritten[new] = records[-1]
+        if config.dump_dir:  # drawn while the rewritten nodes are still ops
+            artifacts.update(region_svgs(graph, list(rewritten)))
+        self._launch(graph, rewritten)
         graph.lint()
         self.report = GraphReport(self.graph_index, records, config.summary())
         _trace_artifact("rtlynx_graph_after", lambda: readable(graph))
@@ -74,14 +84,23 @@ class LynxPass(CustomGraphPass):
         if config.dump_dir:
             artifacts["graph_after.py"] = readable(graph)
             artifacts["repro.py"] = repro_source(graph, f"rtlynx graph {self.graph_index}")
-            artifacts.update(region_svgs(graph, rewritten))
             self.report.artifacts = artifacts
+
+    def _launch(self, graph: fx.Graph, rewritten: dict) -> None:
+        """Inline the Triton GEMMs that can be, and record for each rewritten GEMM who launches it."""
+        blockers = {node: inline_blocker(node) for node in rewritten}
+        inlined = inline_triton_kernels(graph) if self.inline_triton else set()
+        for node, record in rewritten.items():
+            record.launch = "inductor" if node.name in inlined else "op"
+            if record.kernel == "triton" and node.name not in inlined:
+                record.launch_reason = blockers[node] or "option triton_op=False (or an exported program)"
 
     def uuid(self) -> str:
         # dump_dir only changes where files go, and with it set the backend disables caches anyway.
         key = {k: v for k, v in self.config.summary().items() if k != "dump_dir"}
         key["param_inputs"] = sorted(self.param_inputs) if self.param_inputs is not None else None
         key["plan"] = self.plan.digest() if self.plan is not None else None
+        key["inline_triton"] = self.inline_triton
         return hashlib.sha256((repr(sorted(key.items())) + _source_digest()).encode()).hexdigest()
 
 

@@ -124,7 +124,7 @@ def test_dump_dir_writes_graphs_and_reports_for_every_graph(tmp_path):
     assert first == {"name": "fc1", "node": "addmm", "op": "addmm", "kind": "linear", "shape": [32, 32, 128],
                      "batch": 1, "dtype": "float32", "rewritten": True, "pattern": "2:4", "kernel": "reference",
                      "norm_comp": True, "reason": "", "kernel_reason": "", "runtime_guard": False, "compensation": "norm",
-                     "plan_errors": None,
+                     "plan_errors": None, "launch": "op", "launch_reason": "",
                      "min_tokens": 0}
     assert combined["graphs"][0]["totals"]["sparse_flop_fraction"] == 1.0
     text = (tmp_path / "report.txt").read_text()

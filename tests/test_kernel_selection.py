@@ -41,11 +41,16 @@ def test_auto_on_cpu_uses_reference_and_records_it():
 
 @torch.no_grad()
 def test_forced_triton_runs_through_inductor_and_matches_reference():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    layer, x = nn.Linear(64, 32), torch.randn(40, 64)
+    layer, x = nn.Linear(64, 32).to(device), torch.randn(40, 64, device=device)
     out = torch.compile(layer, backend="rtlynx", options={"min_tokens": 0, "kernel": "triton"})(x)
     (record,) = lynx_compile.reports()[-1].records
     assert record.kernel == "triton"
+    # On CUDA, Inductor launches the kernels (rtlynx::triton_sparse_matmul inlined). On the CPU they
+    # are the interpreter's, which it cannot launch: the op launches them.
+    assert (record.launch, record.launch_reason) == (("inductor", "") if device == "cuda" else (
+        "op", "the Triton interpreter's kernels (not on CUDA) cannot be traced"))
     expected = reference.sparse_matmul(x, layer.weight.t(), layer.bias, n=2, m=4)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 

@@ -1,0 +1,75 @@
+"""Inline the Triton route of ``rtlynx::sparse_matmul`` nodes, so that Inductor launches the kernels.
+
+Input: a post-grad graph holding ``rtlynx::sparse_matmul`` nodes. Output: the same graph, where
+each node that runs the Triton kernels on CUDA is replaced by the traced body of
+``rtlynx::triton_sparse_matmul`` (see ``kernels/triton_ops.py``): the torch ops around the kernels
+(permuting W, folding the bias correction, ``x @ lr_down``) plus two
+``triton_kernel_wrapper_functional`` nodes, compress and GEMM. Inductor's own post-grad passes then
+turn those into in-place launches (its mutation analysis finds that the kernels write only their
+outputs) and compile the kernels with the rest of the graph.
+
+The replacement is traced with Inductor's pattern matcher (``Match.replace_by_example``), under
+``dispatch_functionalize``, the functionalization under which a ``triton_op`` traces into its body.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+from torch._inductor.pattern_matcher import CallFunctionVarArgs, PatternMatcherPass, register_graph_pattern
+from torch._subclasses.functional_tensor import dispatch_functionalize
+from torch.fx.operator_schemas import normalize_function
+
+from ..kernels import triton_ops
+
+_OP = torch.ops.rtlynx.sparse_matmul.default
+_TENSOR_ARGS = ("x", "other", "bias", "lr_down", "lr_up", "perm", "comp_bias")
+_OPTIONS = ("n", "m", "norm_comp")
+
+
+def _arguments(node: fx.Node) -> dict:
+    """Every argument of the node by name, defaults included."""
+    return normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True).kwargs
+
+
+def inline_blocker(node: fx.Node) -> str:
+    """"" when the node's Triton kernels can be inlined, else why the node stays an op."""
+    args = _arguments(node)
+    if args["impl"] != "triton":
+        return f"kernel {args['impl']!r} is not the Triton route"
+    if not hasattr(triton_ops, "triton_sparse_matmul"):
+        return "triton is not installed"
+    x = args["x"].meta.get("val")
+    if x is None or x.device.type != "cuda":
+        return "the Triton interpreter's kernels (not on CUDA) cannot be traced"
+    if args["min_tokens"] > 0 and not isinstance(x.shape[-2], int):
+        return f"M is dynamic and min_tokens={args['min_tokens']} is checked at run time, which only the op can do"
+    return ""
+
+
+_PASS = PatternMatcherPass(pass_name="rtlynx_inline_triton")
+
+
+@register_graph_pattern(CallFunctionVarArgs(_OP), extra_check=lambda match: not inline_blocker(match.nodes[0]),
+                        pass_dict=_PASS)
+def _inline(match, *args, **kwargs):
+    named = _arguments(match.nodes[0])
+    inputs = [name for name in _TENSOR_ARGS if isinstance(named.get(name), fx.Node)]
+    options = {name: named[name] for name in _OPTIONS}
+
+    def traced_body(*tensors):
+        return torch.ops.rtlynx.triton_sparse_matmul(**dict(zip(inputs, tensors)), **options)
+
+    match.replace_by_example(dispatch_functionalize(traced_body), [named[name] for name in inputs])
+
+
+def inline_triton_kernels(graph: fx.Graph) -> set[str]:
+    """Inline every ``rtlynx::sparse_matmul`` node that :func:`inline_blocker` allows; returns their names.
+
+    Runs inside a compile (Inductor's fake mode is current): the replacement is traced on the
+    nodes' fake values.
+    """
+    candidates = graph.find_nodes(op="call_function", target=_OP)
+    _PASS.apply(graph)
+    remaining = set(graph.find_nodes(op="call_function", target=_OP))
+    return {node.name for node in candidates if node not in remaining}
