@@ -60,7 +60,7 @@ def explain(model, *args, options=None, **kwargs) -> Explanation:
         params = frozenset(i for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter))
 
         def forward_compiler(fw_gm, _inputs):
-            lynx_pass = LynxPass(config, len(explanation.graphs), params, plan)
+            lynx_pass = LynxPass(config, len(explanation.graphs), params, plan, inline_triton=config.triton_op)
             lynx_pass(_copy(fw_gm).graph)
             explanation.graphs.append(lynx_pass.report)
             return fw_gm

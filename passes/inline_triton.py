@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 from torch import fx
+from torch._guards import detect_fake_mode
+from torch._inductor.virtualized import V
 from torch._inductor.pattern_matcher import CallFunctionVarArgs, PatternMatcherPass, register_graph_pattern
 from torch._subclasses.functional_tensor import dispatch_functionalize
 from torch.fx.operator_schemas import normalize_function
@@ -66,10 +68,13 @@ def _inline(match, *args, **kwargs):
 def inline_triton_kernels(graph: fx.Graph) -> set[str]:
     """Inline every ``rtlynx::sparse_matmul`` node that :func:`inline_blocker` allows; returns their names.
 
-    Runs inside a compile (Inductor's fake mode is current): the replacement is traced on the
-    nodes' fake values.
+    The replacement is traced on the nodes' fake values, in their fake mode.
     """
     candidates = graph.find_nodes(op="call_function", target=_OP)
-    _PASS.apply(graph)
+    if not candidates:
+        return set()
+    fake_mode = detect_fake_mode([node.meta.get("val") for node in graph.find_nodes(op="placeholder")])
+    with V.set_fake_mode(fake_mode):
+        _PASS.apply(graph)
     remaining = set(graph.find_nodes(op="call_function", target=_OP))
     return {node.name for node in candidates if node not in remaining}

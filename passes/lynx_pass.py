@@ -40,8 +40,9 @@ def _source_digest() -> str:
 class LynxPass(CustomGraphPass):
     """Rewrites the forward graph in place; ``self.report`` holds the result of the last call.
 
-    With ``inline_triton`` (the backend sets it from the ``triton_op`` option; exported programs keep
-    the ops), GEMMs that run the Triton kernels on CUDA are then inlined (``inline_triton.py``).
+    With ``inline_triton`` (the backend and ``explain`` set it from the ``triton_op`` option; exported
+    programs keep the ops), GEMMs that run the Triton kernels on CUDA are then inlined
+    (``inline_triton.py``).
     """
 
     def __init__(self, config: LynxConfig, graph_index: int = 0, param_inputs: frozenset[int] | None = None,
