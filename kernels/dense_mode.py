@@ -1,9 +1,9 @@
 """A run-time switch that makes every ``rtlynx::sparse_matmul`` compute the exact dense layer.
 
 Diffusion samplers often keep the first or last denoising steps dense. The switch is read inside
-the op at run time, so flipping it between steps never recompiles. (Under CUDA graphs,
-``mode="reduce-overhead"``, a replayed graph does not re-enter Python, so the switch cannot act
-there.)
+the op at run time, so flipping it between steps never recompiles. Graphs that cannot read it
+(CUDA graphs, inlined Triton kernels) are handled by the backend: inside the switch it runs the
+graph Dynamo captured, eagerly (``backend.dense_switch_blocker``).
 """
 
 from __future__ import annotations

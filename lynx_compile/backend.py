@@ -48,11 +48,17 @@ def _inner_compile(gm: fx.GraphModule, example_inputs, **kwargs):
     return compile_fx_inner(gm, example_inputs, **kwargs)
 
 
+def _inductor_patches(config: LynxConfig, mode) -> dict[str, Any]:
+    """The Inductor config the user asked for: the mode's, then ``inductor_config`` over it."""
+    patches = _mode_patches(mode)
+    patches.update(dict(config.inductor_config))
+    return patches
+
+
 def _compile_inductor(gm, example_inputs, lynx_pass: LynxPass, config: LynxConfig, mode):
     from torch._inductor.compile_fx import compile_fx
 
-    patches = _mode_patches(mode)
-    patches.update(dict(config.inductor_config))
+    patches = _inductor_patches(config, mode)
     # Set for the whole compile, so that every cache key (AOTAutograd's and the FX graph cache's)
     # holds the pass's uuid: a graph compiled without our pass, or with other options, never
     # answers for this one.
@@ -93,25 +99,33 @@ def finish_report(lynx_pass: LynxPass, config: LynxConfig) -> None:
         log.info("rtlynx graph %d: dump written to %s", lynx_pass.graph_index, where)
 
 
-def may_have_inlined_kernels(lynx_pass: LynxPass, config: LynxConfig, example_inputs) -> bool:
-    """Whether the compiled graph may launch inlined Triton kernels, which cannot read ``run_dense()``.
+def dense_switch_blocker(lynx_pass: LynxPass, config: LynxConfig, mode, example_inputs) -> str:
+    """Why the compiled graph cannot read ``run_dense()`` at run time, or "" when its ops can.
 
-    Without a report (an FX graph cache hit) it is not known, so any graph with a CUDA input that
-    was compiled with ``triton_op=True`` counts.
+    - Inlined Triton kernels are fixed when the graph is compiled.
+    - A CUDA graph replays without entering Python, so the ops' check does not run.
+    After an FX graph cache hit there is no report, so what was inlined or rewritten is not known:
+    every graph with a CUDA input that could have it counts.
     """
-    if not config.triton_op:
-        return False
-    if lynx_pass.report is not None:
-        return any(record.launch == "inductor" for record in lynx_pass.report.records)
-    return any(isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in example_inputs)
+    if not any(isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in example_inputs):
+        return ""  # no CUDA graph, and nothing inlined (only CUDA GEMMs are)
+    report = lynx_pass.report
+    if config.inner == "inductor":
+        from torch._inductor import config as inductor_config
+
+        cudagraphs = _inductor_patches(config, mode).get("triton.cudagraphs", inductor_config.triton.cudagraphs)
+        if cudagraphs and (report is None or report.num_rewritten):
+            return "CUDA graphs replay without Python"
+    if config.triton_op and (report is None or any(r.launch == "inductor" for r in report.records)):
+        return "its Triton kernels are inlined"
+    return ""
 
 
 def dense_inside_run_dense(compiled, captured: fx.GraphModule):
     """``compiled``, except inside ``run_dense()``, where the graph Dynamo captured runs, eagerly and dense.
 
-    Inlined kernels are fixed when the graph is compiled, so they cannot read the switch at run
-    time as ``rtlynx::sparse_matmul`` does. The captured graph holds the original dense layers,
-    and running it needs no recompile.
+    For graphs that cannot read the switch themselves (``dense_switch_blocker``). The captured
+    graph holds the original dense layers, and running it needs no recompile.
     """
     def run(*args):
         return captured(*args) if dense_mode.active() else compiled(*args)
@@ -148,7 +162,9 @@ def rtlynx(gm: fx.GraphModule, example_inputs, *, mode: str | None = None,
     else:
         compiled = _compile_inductor(gm, example_inputs, lynx_pass, config, mode)
     finish_report(lynx_pass, config)
-    if may_have_inlined_kernels(lynx_pass, config, example_inputs):
+    blocker = dense_switch_blocker(lynx_pass, config, mode, example_inputs)
+    if blocker:
+        log.info("rtlynx graph %d: %s, so inside run_dense() the captured graph runs eagerly", graph_index, blocker)
         return dense_inside_run_dense(compiled, gm)
     return compiled
 

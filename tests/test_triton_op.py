@@ -23,6 +23,7 @@ import lynx_compile  # noqa: E402
 from lynx_compile import backend  # noqa: E402
 from lynx_compile.config import LynxConfig  # noqa: E402
 from lynx_compile.kernels import reference  # noqa: E402
+from lynx_compile.kernels.registry import get_kernel  # noqa: E402
 from lynx_compile.kernels import triton_compress as tc  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -180,32 +181,39 @@ def test_backend_runs_the_captured_graph_inside_run_dense():
 
 
 class _Pass:
+    """A LynxPass after a compile: its report, or None after an FX graph cache hit."""
+
     def __init__(self, launches):
         from lynx_compile.report import GemmRecord, GraphReport
 
-        records = [GemmRecord("l", "mm", "mm", "linear", [1, 1, 1], 1, "float32", True, "2:4", "triton", True, "",
-                              launch=launch) for launch in launches or ()]
+        records = [GemmRecord("l", "mm", "mm", "linear", [1, 1, 1], 1, "float32", bool(launch), "2:4", "triton", True,
+                              "", launch=launch) for launch in launches or ()]
         self.report = None if launches is None else GraphReport(0, records, {})
 
 
-@pytest.mark.parametrize("launches, triton_op, expected", [
-    (["op", "inductor"], True, True),
-    (["op", "op"], True, False),
-    (["inductor"], False, False),
-    (None, True, "cuda"),      # an FX graph cache hit: no report, so any CUDA input counts
-    (None, False, False),
+INLINED, CUDA_GRAPHS = "its Triton kernels are inlined", "CUDA graphs replay without Python"
+
+
+@pytest.mark.parametrize("launches, options, mode, expected", [
+    (["op", "inductor"], {}, None, INLINED),
+    (["op", "op"], {}, None, ""),                       # the ops read the switch
+    (["inductor"], {"triton_op": False}, None, ""),    # (cannot happen: nothing is inlined then)
+    (None, {}, None, INLINED),                          # an FX graph cache hit: not known, so it counts
+    (None, {"triton_op": False}, None, ""),
+    (["op"], {}, "reduce-overhead", CUDA_GRAPHS),
+    (["op"], {"inductor_config": {"triton.cudagraphs": True}}, None, CUDA_GRAPHS),
+    (["op"], {"inner": "eager"}, "reduce-overhead", ""),  # no Inductor, no CUDA graphs
+    (["", ""], {}, "max-autotune", ""),                  # nothing rewritten: the graph is dense anyway
+    (None, {"triton_op": False}, "max-autotune", CUDA_GRAPHS),
 ])
-def test_backend_knows_when_a_graph_may_hold_inlined_kernels(launches, triton_op, expected):
+def test_backend_knows_which_graphs_cannot_read_the_dense_switch(launches, options, mode, expected):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    config = LynxConfig.from_options({"triton_op": triton_op})
+    config = LynxConfig.from_options(options)
     with FakeTensorMode():
         cpu, cuda = torch.empty(2), torch.empty(2, device="cuda")
-    if expected == "cuda":
-        assert backend.may_have_inlined_kernels(_Pass(launches), config, [cpu, cuda])
-        assert not backend.may_have_inlined_kernels(_Pass(launches), config, [cpu, 3])
-    else:
-        assert backend.may_have_inlined_kernels(_Pass(launches), config, [cuda]) == expected
+    assert backend.dense_switch_blocker(_Pass(launches), config, mode, [cpu, 3, cuda]) == expected
+    assert backend.dense_switch_blocker(_Pass(launches), config, mode, [cpu, 3]) == ""  # no CUDA input
 
 
 def test_triton_op_option_is_validated():
@@ -227,3 +235,42 @@ def test_compiled_triton_layers_are_inlined_and_match_the_reference_on_gpu():
     torch.testing.assert_close(out.reshape(-1, 128).float(), expected.float(), rtol=2**-7, atol=2e-2)
     with lynx_compile.run_dense():
         torch.testing.assert_close(compiled(x), model(x))
+
+
+@torch.no_grad()
+def test_compiled_graph_that_cannot_read_the_switch_runs_the_captured_graph_inside_run_dense(monkeypatch):
+    """The wiring in ``rtlynx()``, on the CPU: the blocker is forced, as CUDA graphs or inlining would."""
+    from lynx_compile.kernels import ops
+
+    kernel_runs, dense_matmul = [], reference.dense_matmul
+    monkeypatch.setattr(ops, "get_kernel", lambda name: kernel_runs.append(name) or get_kernel(name))
+    monkeypatch.setattr(reference, "dense_matmul", lambda *a: kernel_runs.append("dense") or dense_matmul(*a))
+    monkeypatch.setattr(backend, "dense_switch_blocker", lambda *args: "forced by the test")
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 16)), torch.randn(2, 24, 32)
+    compiled = torch.compile(model, backend="rtlynx", options={"min_tokens": 0})
+    sparse = compiled(x)
+    del kernel_runs[:]
+    assert torch.equal(compiled(x), sparse) and kernel_runs == ["reference"] * 2
+    del kernel_runs[:]
+    with lynx_compile.run_dense():
+        dense = compiled(x)
+    assert kernel_runs == []  # no rtlynx op ran: the captured graph did
+    torch.testing.assert_close(dense, model(x), rtol=0, atol=0)
+    assert not torch.allclose(sparse, dense, rtol=1e-3, atol=1e-3)
+    assert len(lynx_compile.reports()) == 1  # no recompile
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: CUDA graphs")
+@torch.no_grad()
+def test_run_dense_takes_effect_under_cuda_graphs_on_gpu():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 128)).cuda().to(torch.bfloat16)
+    x = torch.randn(2, 512, 256, device="cuda", dtype=torch.bfloat16)
+    compiled = torch.compile(model, backend="rtlynx", options={"min_tokens": 0, "mode": "reduce-overhead"})
+    sparse = [compiled(x).clone() for _ in range(3)]  # warm-up, recording, replay
+    with lynx_compile.run_dense():
+        torch.testing.assert_close(compiled(x), model(x))
+    torch.testing.assert_close(compiled(x), sparse[-1])
+    assert not torch.allclose(sparse[-1], model(x), rtol=1e-2, atol=1e-2)
+    assert len(lynx_compile.reports()) == 1
