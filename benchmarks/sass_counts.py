@@ -37,7 +37,7 @@ from tabulate import tabulate
 
 from lynx_compile.kernels import cuda_rtc, fused_cuda
 
-DEFAULT_TARGETS = ("sm_90:bfloat16:128x256x4-wgmma", "sm_90:bfloat16:128x256x3", "sm_90:float16:128x256x3",
+DEFAULT_TARGETS = ("sm_90:bfloat16:128x256x4-wgmma", "sm_90:bfloat16:128x256x4-wgmma-c2", "sm_90:bfloat16:128x256x3", "sm_90:float16:128x256x3",
                    "sm_80:bfloat16:128x128x3")
 VARIANTS = ("kernel", "common_path", "no_selection")
 _LINE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)([^;]*);")
@@ -126,15 +126,34 @@ def loop_counts(instructions: list[Instruction]) -> dict:
     }
 
 
+def skipped_block(loop: list[Instruction]) -> int:
+    """Instructions of the loop's longest forward branch: in the cluster build, the compression that
+    warps 4-7 jump over (0 when the loop has no forward branch, as on the common path of the others)."""
+    addresses = [i.address for i in loop]
+    skips = [addresses.index(i.branch_target()) - n - 1 for n, i in enumerate(loop[:-1])
+             if i.branch_target() is not None and i.branch_target() in addresses and i.branch_target() > i.address]
+    return max(skips, default=0)
+
+
+def issue_per_scheduler(loop: list[Instruction]) -> int:
+    """Issue slots per SM scheduler per K tile on the common path: each scheduler runs 2 of the 8 warps,
+    both through the whole loop, or in the cluster build one compressing warp and one that skips it."""
+    return 2 * len(loop) - skipped_block(loop)
+
+
 def parse_target(text: str) -> tuple[str, torch.dtype, fused_cuda.TileConfig]:
     try:
-        arch, dtype_name, tiles = text.split(":")
-        tiles, _, mainloop = tiles.lower().partition("-")
+        arch, dtype_name, name = text.split(":")
+        tiles, *suffixes = name.lower().split("-")
         bm, bn, stages = (int(v) for v in tiles.split("x"))
+        mainloop = suffixes[0] if suffixes else "mma"
+        cluster = int(suffixes[1].removeprefix("c")) if len(suffixes) > 1 else 1
+        if len(suffixes) > 2 or (len(suffixes) > 1 and not suffixes[1].startswith("c")):
+            raise ValueError(name)
         dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype_name]
-        return arch, dtype, fused_cuda.TileConfig(bm, bn, stages, mainloop or "mma")
+        return arch, dtype, fused_cuda.TileConfig(bm, bn, stages, mainloop, cluster)
     except (ValueError, KeyError):
-        raise SystemExit(f"sass_counts: target {text!r} is not arch:dtype:BMxBNxSTAGES[-wgmma], "
+        raise SystemExit(f"sass_counts: target {text!r} is not arch:dtype:BMxBNxSTAGES[-wgmma[-c2]], "
                          "e.g. sm_90:bfloat16:128x256x3 (dtype bfloat16 or float16)") from None
 
 
@@ -149,6 +168,8 @@ def count_target(arch: str, dtype: torch.dtype, config: fused_cuda.TileConfig) -
         row[variant] = counts
     row["compression_instructions"] = (row["common_path"]["loop_instructions"]
                                        - row["no_selection"]["loop_instructions"])
+    common = fused_cuda.build(arch, dtype, config, use_cache=True, variant="common_path")
+    row["issue_per_scheduler"] = issue_per_scheduler(main_loop(disassemble(common.cubin)))
     return row
 
 
@@ -164,9 +185,9 @@ def main(argv: list[str] | None = None) -> int:
               r["common_path"]["loop_instructions"], r["no_selection"]["loop_instructions"],
               r["compression_instructions"], r["common_path"]["hmma_sp"] + r["common_path"]["hgmma_sp"],
               r["common_path"]["barriers"],
-              r["common_path"]["branches"]] for r in rows]
+              r["common_path"]["branches"], r["issue_per_scheduler"]] for r in rows]
     headers = ["arch", "dtype", "tile", "regs", "spill B", "loop (kernel)", "loop (common path)",
-               "loop (no selection)", "compression", "sparse MMA", "BAR", "BRA"]
+               "loop (no selection)", "compression", "sparse MMA", "BAR", "BRA", "issue/scheduler"]
     print("Fused kernel main loop, instructions per thread per K tile of 64 (static SASS):")
     print(tabulate(table, headers=headers))
     date = datetime.date.today().isoformat()

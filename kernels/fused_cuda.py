@@ -41,10 +41,11 @@ KERNEL_NAME = "fused_nm_gemm"
 # warpgroup-level and asynchronous, sm_90a: compute capability 9.0 exactly). See the .cu file.
 MAINLOOPS = ("mma", "wgmma")
 
-# ptxas's registers per thread (NVRTC 12.9; for "mma", sm_80 and sm_90 alike): the occupancy model's
-# input, in fused_tiles. The build test checks that they still give the same CTAs per SM.
-REGISTERS_PER_THREAD = {("mma", 128, 256): 240, ("mma", 128, 128): 180,
-                        ("wgmma", 128, 256): 254, ("wgmma", 128, 128): 194}
+# ptxas's registers per thread (NVRTC 12.9; for "mma", sm_80 and sm_90 alike), by (main loop, BM, BN,
+# cluster size): the occupancy model's input, in fused_tiles. The build test checks that they still
+# give the same CTAs per SM.
+REGISTERS_PER_THREAD = {("mma", 128, 256, 1): 240, ("mma", 128, 128, 1): 180,
+                        ("wgmma", 128, 256, 1): 254, ("wgmma", 128, 128, 1): 194, ("wgmma", 128, 256, 2): 252}
 
 
 @dataclass(frozen=True)
@@ -53,26 +54,38 @@ class TileConfig:
     bn: int
     stages: int
     mainloop: str = "mma"
+    # 2: clusters of two CTAs on the same rows and adjacent N tiles share one compression of X
+    # (CLUSTER_SHARE in the .cu file; wgmma only).
+    cluster: int = 1
 
     def __post_init__(self):
         if self.mainloop not in MAINLOOPS:
             raise ValueError(f"unknown fused main loop {self.mainloop!r}; main loops: {', '.join(MAINLOOPS)}")
+        if self.cluster not in (1, 2) or (self.cluster == 2 and self.mainloop != "wgmma"):
+            raise ValueError(f"cluster={self.cluster}: the fused kernel runs clusters of 1, or of 2 with the "
+                             "wgmma main loop")
 
     @property
     def name(self) -> str:
-        """"128x256x3" (mma.sp), "128x256x4-wgmma"."""
-        return f"{self.bm}x{self.bn}x{self.stages}" + ("" if self.mainloop == "mma" else f"-{self.mainloop}")
+        """"128x256x3" (mma.sp), "128x256x4-wgmma", "128x256x4-wgmma-c2" (2-CTA cluster)."""
+        return (f"{self.bm}x{self.bn}x{self.stages}" + ("" if self.mainloop == "mma" else f"-{self.mainloop}")
+                + ("" if self.cluster == 1 else f"-c{self.cluster}"))
 
     @property
     def registers_per_cta(self) -> int:
         """An unknown tile is taken to use the most a thread can have (255)."""
-        return REGISTERS_PER_THREAD.get((self.mainloop, self.bm, self.bn), 255) * THREADS
+        return REGISTERS_PER_THREAD.get((self.mainloop, self.bm, self.bn, self.cluster), 255) * THREADS
+
+    def ctas(self, m: int, n: int) -> int:
+        """CTAs in the grid: a cluster's CTAs share a row of tiles, so N tiles round up to whole clusters."""
+        tiles_n = -(-n // self.bn)
+        return -(-m // self.bm) * self.cluster * -(-tiles_n // self.cluster)
 
     @property
     def smem_bytes(self) -> int:
         """Must match ``SharedTiles`` in the .cu file, plus the wgmma build's alignment slack."""
         wgmma = self.mainloop == "wgmma"
-        x_tiles = self.stages * self.bm * (BLOCK_K + 8) * 2
+        x_tiles = self.stages * (self.bm // self.cluster) * (BLOCK_K + 8) * 2  # this CTA's share of the X rows
         w_tiles = self.stages * self.bn * (BLOCK_K if wgmma else BLOCK_K + 8) * 2  # wgmma: 128-byte swizzled rows
         compressed = 2 * (self.bm // 16) * (BLOCK_K // 32) * 32 * (4 * 4 + 2 * 2)  # double-buffered
         return x_tiles + w_tiles + compressed + 4 * self.bm + (1024 - 16 if wgmma else 0)
@@ -88,11 +101,13 @@ class TileConfig:
     def defines(self, dtype: torch.dtype, ordered_metadata: bool) -> dict[str, int]:
         return {"BM": self.bm, "BN": self.bn, "STAGES": self.stages, "IS_BF16": int(dtype == torch.bfloat16),
                 "ORDERED_METADATA": int(ordered_metadata), "MAINLOOP_WGMMA": int(self.mainloop == "wgmma"),
-                "SMEM_BYTES": self.smem_bytes}
+                "CLUSTER_SHARE": int(self.cluster == 2), "SMEM_BYTES": self.smem_bytes}
 
 
-# Largest first, and on sm_90 wgmma first: fused_tiles gives ties to the earlier one.
-TILE_CONFIGS = (TileConfig(128, 256, 4, "wgmma"), TileConfig(128, 128, 4, "wgmma"),
+# Largest first, and on sm_90 wgmma first: fused_tiles gives ties to the earlier one. The 2-CTA cluster
+# comes after the wgmma configurations of its tile, so the model never prefers it (it ties at best:
+# its grid rounds N tiles up to pairs); only a tuned table, which times it, can choose it.
+TILE_CONFIGS = (TileConfig(128, 256, 4, "wgmma"), TileConfig(128, 128, 4, "wgmma"), TileConfig(128, 256, 4, "wgmma", 2),
                 TileConfig(128, 256, 3), TileConfig(128, 128, 3), TileConfig(128, 128, 2))
 
 
@@ -228,8 +243,7 @@ def launch(x2: torch.Tensor, weight: torch.Tensor, bias, low_rank_in, low_rank_u
         config, _ = choose_config(x2.device.index, x2.dtype, m, n, k)
     kernel = _loaded(x2.device.index, x2.dtype, variant, config)
     rank = 0 if low_rank_in is None else low_rank_in.shape[1]
-    tiles = -(-m // config.bm) * -(-n // config.bn)
-    kernel.launch((tiles, 1, 1), (THREADS, 1, 1),
+    kernel.launch((config.ctas(m, n), 1, 1), (THREADS, 1, 1),
                   [x2, weight, bias, low_rank_in, low_rank_up, out, ctypes.c_int(m), ctypes.c_int(n),
                    ctypes.c_int(k), ctypes.c_int(rank), ctypes.c_int(int(norm_comp))])
     return out

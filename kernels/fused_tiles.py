@@ -10,7 +10,8 @@ One configuration per device was wrong for small GEMMs: on an H100 (132 SMs), M=
 2. else a wave-quantization model (``heuristic``): a model, to be replaced by measurements.
 
 The kernel's configurations come in as an argument, so that this module does not import the kernel.
-A configuration needs ``name``, ``bm``, ``bn``, ``smem_bytes`` and ``registers_per_cta``.
+A configuration needs ``name``, ``bm``, ``bn``, ``smem_bytes``, ``registers_per_cta`` and ``ctas(m, n)``
+(the CTAs of its grid: a cluster rounds the N tiles up to whole clusters).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def predict(device: DeviceInfo, config, m: int, n: int) -> Prediction:
     """
     by_smem = device.max_smem_per_sm // (config.smem_bytes + RESERVED_SMEM_PER_BLOCK)
     ctas_per_sm = max(1, min(by_smem, REGISTERS_PER_SM // config.registers_per_cta))
-    tiles = -(-m // config.bm) * -(-n // config.bn)
+    tiles = config.ctas(m, n)
     waves = -(-tiles // (device.sm_count * ctas_per_sm))
     return Prediction(ctas_per_sm, tiles, waves, waves * ctas_per_sm * config.bm * config.bn)
 

@@ -141,6 +141,8 @@ needs_nvrtc = pytest.mark.skipif(bool(NVRTC_REASON), reason=f"NVRTC unavailable:
 
 MMA_CONFIGS = tuple(c for c in fused_cuda.TILE_CONFIGS if c.mainloop == "mma")
 WGMMA_CONFIGS = tuple(c for c in fused_cuda.TILE_CONFIGS if c.mainloop == "wgmma")
+CTA_WGMMA_CONFIGS = tuple(c for c in WGMMA_CONFIGS if c.cluster == 1)
+CLUSTER_CONFIG = next(c for c in WGMMA_CONFIGS if c.cluster == 2)
 BUILD_TARGETS = [(arch, c) for c in MMA_CONFIGS for arch in ("sm_80", "sm_90")] + [("sm_90", c) for c in WGMMA_CONFIGS]
 
 
@@ -176,7 +178,7 @@ def test_build_errors_carry_the_nvrtc_log(tmp_path, monkeypatch):
 def test_shared_memory_size_is_checked_against_the_kernel(tmp_path, monkeypatch):
     """``TileConfig.smem_bytes`` is what the launch reserves; the build asserts it equals the kernel's."""
     monkeypatch.setenv("LYNX_COMPILE_CACHE", str(tmp_path))
-    for config in (MMA_CONFIGS[1], WGMMA_CONFIGS[1]):
+    for config in (MMA_CONFIGS[1], CTA_WGMMA_CONFIGS[1], CLUSTER_CONFIG):
         defines = config.defines(torch.bfloat16, True) | {"SMEM_BYTES": config.smem_bytes + 16}
         with pytest.raises(cuda_rtc.CudaBuildError, match="smem_bytes must match SharedTiles"):
             cuda_rtc.build(fused_cuda.source(), fused_cuda.KERNEL_NAME, config.arch("sm_90"), defines,
@@ -204,7 +206,7 @@ def test_main_loop_is_one_block_with_one_barrier(arch, config, hmma):
 
 
 @needs_nvrtc
-@pytest.mark.parametrize("config", WGMMA_CONFIGS, ids=lambda c: c.name)
+@pytest.mark.parametrize("config", CTA_WGMMA_CONFIGS, ids=lambda c: c.name)
 def test_wgmma_main_loop_issues_the_tile_and_compresses_while_it_runs(config):
     """The wgmma build's loop: both k32 steps of a tile go to the tensor cores as 2 asynchronous
     HGMMA.SP of the full 64 x BN warpgroup tile, between one WARPGROUP.ARRIVE (wgmma.fence) and the one
@@ -231,6 +233,55 @@ def test_wgmma_main_loop_issues_the_tile_and_compresses_while_it_runs(config):
     overlapped = [i for i in selection if first < i < wait]
     assert len(selection) >= 80 and len(overlapped) >= 0.95 * len(selection)
     assert opcodes.index("FENCE.VIEW.ASYNC.S") < opcodes.index("BAR.SYNC.DEFER_BLOCKING")
+    assert sass_counts.issue_per_scheduler(loop) == 2 * len(loop)  # both warps of a scheduler run it all
+
+
+@needs_nvrtc
+def test_cluster_main_loop_compresses_half_the_rows_into_both_ctas():
+    """The 2-CTA cluster build: per K tile one cluster barrier and no CTA barrier; half the X copies;
+    warps 4-7 branch over the compression (warp-uniform), which warps 0-3 run while the HGMMAs are in
+    flight; and every compressed word (8 packed values, 2 metadata half-words) is stored twice, in
+    this CTA's shared memory (STS) and in the peer's (a generic ST to the cluster window)."""
+    import sass_counts
+
+    if sass_counts.cuobjdump() is None:
+        pytest.skip("no cuobjdump (Triton's NVIDIA backend ships one)")
+    config = CLUSTER_CONFIG
+    instructions = sass_counts.disassemble(
+        fused_cuda.build("sm_90", torch.bfloat16, config, use_cache=False, variant="common_path").cubin)
+    loop = sass_counts.main_loop(instructions)
+    counts = sass_counts.loop_counts(instructions)
+    assert (counts["hgmma_sp"], counts["barriers"], counts["branches"]) == (2, 0, 2)
+    assert (counts["opcodes"]["UCGABAR_ARV"], counts["opcodes"]["UCGABAR_WAIT"]) == (1, 1)
+    assert counts["opcodes"]["LDGSTS"] == (config.bm // 2 + config.bn) * 8 // fused_cuda.THREADS
+    opcodes = [i.opcode for i in loop]
+    arrive, cluster_wait = opcodes.index("UCGABAR_ARV"), opcodes.index("UCGABAR_WAIT")
+    first_hgmma = next(i for i, o in enumerate(opcodes) if o.startswith("HGMMA"))
+    wgmma_wait = opcodes.index("WARPGROUP.DEPBAR.LE")
+    assert arrive < cluster_wait < opcodes.index("WARPGROUP.ARRIVE") < first_hgmma < wgmma_wait
+    # The forward branch that skips the compression: right after the HGMMAs, to just before the wait.
+    (skip,) = [i for i, ins in enumerate(loop[:-1]) if ins.branch_target() is not None]
+    target = [ins.address for ins in loop].index(loop[skip].branch_target())
+    assert first_hgmma < skip < target <= wgmma_wait
+    compression = opcodes[skip + 1:target]
+    selection = [o for o in opcodes if o.startswith(("VIMNMX", "PRMT"))]
+    inside = [o for o in compression if o.startswith(("VIMNMX", "PRMT"))]
+    assert len(selection) >= 80 and len(inside) >= 0.95 * len(selection)
+    local = [o for o in compression if o.split(".")[0] == "STS"]
+    remote = [o for o in compression if o.split(".")[0] == "ST"]
+    assert (len(local), len(remote)) == (10, 10)
+    assert (remote.count("ST.E"), remote.count("ST.E.U16")) == (8, 2)
+    # Per scheduler: one warp runs the loop, the other skips the compression.
+    assert sass_counts.issue_per_scheduler(loop) == 2 * len(loop) - len(compression)
+
+
+def test_sass_counts_parses_every_tile_config_name():
+    import sass_counts
+
+    for config in fused_cuda.TILE_CONFIGS:
+        assert sass_counts.parse_target(f"sm_90:bfloat16:{config.name}") == ("sm_90", torch.bfloat16, config)
+    with pytest.raises(SystemExit, match="is not arch:dtype:BMxBNxSTAGES"):
+        sass_counts.parse_target("sm_90:bfloat16:128x256x4-wgmma-x2")
 
 
 def test_unknown_build_variant_is_a_clear_error():
@@ -304,15 +355,16 @@ def test_fused_matches_reference_on_gpu(dtype, shape, extras):
 
 @needs_fused
 @pytest.mark.parametrize("config", fused_cuda.TILE_CONFIGS, ids=lambda c: c.name)
-def test_every_tile_config_matches_reference_on_gpu(config):
+@pytest.mark.parametrize("m, k, n", [(300, 1152, 264), (200, 256, 520)])  # even and odd numbers of N tiles
+def test_every_tile_config_matches_reference_on_gpu(config, m, k, n):
     """The per-shape choice may pick any configuration, so each is checked, not only the default."""
     if config not in fused_cuda.device_configs(fused_cuda.device_info(torch.cuda.current_device())):
         pytest.skip(f"{config.name} does not fit this device, or needs compute capability 9.0")
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(300, 1152, generator=gen).to("cuda", torch.bfloat16)
-    w = (torch.randn(264, 1152, generator=gen) / 1152 ** 0.5).to("cuda", torch.bfloat16)
-    bias = torch.randn(264, generator=gen).to("cuda", torch.bfloat16)
-    out = torch.empty(300, 264, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(m, k, generator=gen).to("cuda", torch.bfloat16)
+    w = (torch.randn(n, k, generator=gen) / k ** 0.5).to("cuda", torch.bfloat16)
+    bias = torch.randn(n, generator=gen).to("cuda", torch.bfloat16)
+    out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
     fused_cuda.launch(x, w, bias, None, None, out, True, config=config)
     expected = reference.sparse_matmul(x, w.t(), bias, n=2, m=4).float()
     tolerance = 2 * torch.finfo(torch.bfloat16).eps * expected.abs().max().item()

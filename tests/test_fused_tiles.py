@@ -116,6 +116,9 @@ class SmallTile:
     smem_bytes: int = 40000
     registers_per_cta: int = 96 * 256
 
+    def ctas(self, m, n):
+        return -(-m // self.bm) * -(-n // self.bn)
+
 
 def test_several_ctas_per_sm_are_in_the_cost_and_the_reason():
     # Shared memory allows 233472 // 41024 = 5 CTAs, registers 65536 // 24576 = 2.
@@ -253,7 +256,7 @@ def test_kernel_choice_goes_through_the_tuned_table(tmp_path, monkeypatch):
 # ---- the two main loops ---------------------------------------------------------------------------
 
 def test_wgmma_configs_only_on_compute_capability_9_0():
-    wgmma = ["128x256x4-wgmma", "128x128x4-wgmma"]
+    wgmma = ["128x256x4-wgmma", "128x128x4-wgmma", "128x256x4-wgmma-c2"]
     mma = ["128x256x3", "128x128x3", "128x128x2"]
     assert [c.name for c in fused_cuda.configs_for((9, 0))] == wgmma + mma  # wgmma first: it wins ties
     for capability in ((8, 0), (8, 9), (10, 0), (12, 0)):  # sm_90a code runs on 9.0 only
@@ -264,7 +267,7 @@ def test_wgmma_configs_only_on_compute_capability_9_0():
 
 
 def test_wgmma_config_shared_memory_and_target():
-    big, small = (c for c in fused_cuda.TILE_CONFIGS if c.mainloop == "wgmma")
+    big, small = (c for c in fused_cuda.TILE_CONFIGS if c.mainloop == "wgmma" and c.cluster == 1)
     # W rows are 128 bytes (no padding, swizzled), plus 1008 bytes to align the base to 1024.
     assert (big.smem_bytes, small.smem_bytes) == (226800, 161264)
     assert big.arch("sm_90") == "sm_90a" and TILE_CONFIGS[0].arch("sm_90") == "sm_90"
@@ -275,6 +278,23 @@ def test_wgmma_config_shared_memory_and_target():
         TileConfig(128, 128, 3, "wmma")
 
 
+def test_cluster_config_holds_half_the_x_rows_and_pairs_the_n_tiles():
+    pair = TileConfig(128, 256, 4, "wgmma", 2)
+    assert pair.name == "128x256x4-wgmma-c2" and pair.defines(BF16, True)["CLUSTER_SHARE"] == 1
+    # 4 stages of 64 X rows instead of 128: 4 * 64 * 144 B less than the single-CTA build.
+    assert pair.smem_bytes == TileConfig(128, 256, 4, "wgmma").smem_bytes - 4 * 64 * 144 == 189936
+    # 9 N tiles of 256 (N=2304) become 5 pairs, 10 CTAs per row of tiles: the tenth has no columns.
+    assert (pair.ctas(1024, 2304), TileConfig(128, 256, 4, "wgmma").ctas(1024, 2304)) == (80, 72)
+    assert fused_tiles.predict(H100, pair, 1024, 2304).tiles == 80
+    # It comes after the single-CTA wgmma configurations, so the model never prefers it.
+    best, reason = fused_tiles.choose(H100, BF16, 8192, 3072, 3072, fused_cuda.configs_for((9, 0)))
+    assert (best.name, reason) == ("128x256x4-wgmma", "heuristic: 6 waves of 128x256x4-wgmma on 132 SMs")
+    for bad in ((4, "wgmma"), (2, "mma")):
+        with pytest.raises(ValueError, match=f"^cluster={bad[0]}: the fused kernel runs clusters of 1, or of 2 "
+                                             "with the wgmma main loop$"):
+            TileConfig(128, 256, 3, bad[1], bad[0])
+
+
 def test_a_config_that_fails_its_self_test_is_not_used(monkeypatch):
     monkeypatch.setattr(fused_cuda, "device_info", lambda index: H100)
     monkeypatch.setattr(fused_cuda, "_REJECTED", {})
@@ -283,10 +303,11 @@ def test_a_config_that_fails_its_self_test_is_not_used(monkeypatch):
         assert fused_cuda.self_test(torch.device("cuda", 0), BF16, wgmma_wrong) == ""
     assert [str(w.message) for w in warned] == [
         f"fused kernel: tile configuration {name} failed its self-test on cuda:0 (self-test error 3 > tolerance 0.1); "
-        "the other configurations are used" for name in ("128x256x4-wgmma", "128x128x4-wgmma")]
+        "the other configurations are used" for name in ("128x256x4-wgmma", "128x128x4-wgmma", "128x256x4-wgmma-c2")]
     assert [c.name for c in fused_cuda.usable_configs(0, BF16)] == ["128x256x3", "128x128x3", "128x128x2"]
     assert fused_cuda.choose_config(0, BF16, 1024, 1152, 1152)[0] == TileConfig(128, 128, 3)
-    assert len(fused_cuda.usable_configs(0, torch.float16)) == 5  # per dtype
+    assert len(fused_cuda.usable_configs(0, torch.float16)) == 6  # per dtype
     # The kernel fails its self-test only when no configuration passes, and says why for each.
     assert fused_cuda.self_test(torch.device("cuda", 0), BF16, lambda run: "wrong") == (
-        "128x256x4-wgmma: wrong; 128x128x4-wgmma: wrong; 128x256x3: wrong; 128x128x3: wrong; 128x128x2: wrong")
+        "128x256x4-wgmma: wrong; 128x128x4-wgmma: wrong; 128x256x4-wgmma-c2: wrong; 128x256x3: wrong; 128x128x3: wrong; "
+        "128x128x2: wrong")

@@ -22,6 +22,14 @@
 // tile), W from 128-byte-swizzled shared memory through a descriptor (wgmma_sp.cuh), and wait for
 // them only after compressing tile kt + 1.
 //
+// CLUSTER_SHARE (with MAINLOOP_WGMMA) launches the kernel in clusters of 2 CTAs that take the same
+// BM rows of X and adjacent N tiles. Each CTA copies and compresses only its half of the rows (its
+// warps 0-3, one per scheduler, do it) and stores the compressed words both into its own shared
+// memory and, through distributed shared memory, into its peer's. The two CTAs therefore multiply
+// the same compressed tile while each does half of the compression and half of the X copies; a
+// cluster barrier replaces the CTA barrier of each K tile. The last N tile of a row of tiles may have
+// no columns (an odd number of N tiles): that CTA still compresses for its peer, and stores nothing.
+//
 // Layout facts this relies on (PTX ISA, "Matrix fragments for sparse mma.m16n8k32 .f16/.bf16"):
 // - the compressed A fragment has the layout of the dense m16n8k16 A fragment applied to the 16x16
 //   compressed matrix: lane (g = lane/4, t = lane%4) holds groups t and t+4 of rows g and g+8;
@@ -53,6 +61,14 @@
 #ifndef MAINLOOP_WGMMA
 #define MAINLOOP_WGMMA 0
 #endif
+#ifndef CLUSTER_SHARE
+#define CLUSTER_SHARE 0
+#endif
+#if CLUSTER_SHARE && !MAINLOOP_WGMMA
+#error "CLUSTER_SHARE needs MAINLOOP_WGMMA"
+#endif
+#define CLUSTER (CLUSTER_SHARE ? 2 : 1)
+#define X_ROWS (BM / CLUSTER)  // rows of the X tile this CTA copies and compresses
 
 #define BK 64
 #define THREADS 256
@@ -75,7 +91,7 @@
 #define SMEM_ALIGN (MAINLOOP_WGMMA ? 1024 : 16)  // bytes; fused_cuda.TileConfig.smem_bytes adds SMEM_ALIGN - 16
 #define PITCH (BK + 8)  // elements per shared row: 144 bytes keeps ldmatrix and the compressor conflict-free
 
-static_assert(BM * KSTEPS == THREADS, "one compressing thread per (row, k32 step) of the X tile");
+static_assert(X_ROWS * KSTEPS * CLUSTER == THREADS, "one compressing thread per (row, k32 step) of the X tile");
 static_assert(WM % 16 == 0 && WN % 8 == 0, "warp tile must be whole mma tiles");
 static_assert((BM * (BK / 8)) % THREADS == 0 && (BN * (BK / 8)) % THREADS == 0, "whole 16-byte copies per thread");
 static_assert(!MAINLOOP_WGMMA || (BM == 128 && BK * 2 == 128), "wgmma build: two 64-row warpgroups, 128-byte K rows");
@@ -119,6 +135,39 @@ __device__ __forceinline__ void mma_dense_k16(float* d, const u32* a, const u32*
 
 __device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
 
+#if CLUSTER_SHARE
+__device__ __forceinline__ u32 cluster_ctarank() {
+  u32 r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+// The address of shared byte address `addr` in the shared memory of cluster CTA `rank`.
+__device__ __forceinline__ u32 mapa_shared(u32 addr, int rank) {
+  u32 r;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(addr), "r"(rank));
+  return r;
+}
+__device__ __forceinline__ void st_cluster(u32 addr, u32 v) {
+  asm volatile("st.shared::cluster.u32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
+__device__ __forceinline__ void st_cluster(u32 addr, u16 v) {
+  asm volatile("st.shared::cluster.u16 [%0], %1;\n" ::"r"(addr), "h"(v) : "memory");
+}
+__device__ __forceinline__ void st_cluster(u32 addr, float v) {
+  asm volatile("st.shared::cluster.f32 [%0], %1;\n" ::"r"(addr), "f"(v) : "memory");
+}
+#endif
+
+// The barrier of each K tile: the CTA's, or with a cluster the cluster's, whose release/acquire
+// also orders the stores into the peer's shared memory.
+__device__ __forceinline__ void tile_sync() {
+#if CLUSTER_SHARE
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#else
+  __syncthreads();
+#endif
+}
+
 // 16 bytes global -> shared, or 16 zero bytes when !valid (then nothing is read).
 __device__ __forceinline__ void cp_async_16(u32 dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
@@ -137,7 +186,7 @@ __device__ __forceinline__ void ldmatrix_x4(u32* r, const void* p) {
 // 128-byte swizzle needs, once the base is (see SMEM_ALIGN).
 struct SharedTiles {
   u16 w[STAGES][BN][W_PITCH];
-  u16 x[STAGES][BM][PITCH];
+  u16 x[STAGES][X_ROWS][PITCH];
   u32 a[2][BM / 16][KSTEPS][32][4];     // compressed A, double-buffered, in mma.sp fragment order
   u16 meta[2][BM / 16][KSTEPS][32][2];  // metadata words, lanes with t = 0, 1 used
   float scale[BM];
@@ -147,7 +196,13 @@ static_assert(sizeof(SharedTiles) + SMEM_ALIGN - 16 == SMEM_BYTES,
               "fused_cuda.TileConfig.smem_bytes must match SharedTiles and its alignment");
 #endif
 
-extern "C" __global__ void __launch_bounds__(THREADS, 1)
+#if CLUSTER_SHARE
+#define CLUSTER_DIMS __cluster_dims__(CLUSTER, 1, 1)
+#else
+#define CLUSTER_DIMS
+#endif
+
+extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS
 fused_nm_gemm(const u16* __restrict__ X, const u16* __restrict__ W, const u16* __restrict__ bias,
               const u16* __restrict__ T, const u16* __restrict__ U, u16* __restrict__ Y, int M, int N, int K,
               int R, int norm_comp) {
@@ -164,21 +219,30 @@ fused_nm_gemm(const u16* __restrict__ X, const u16* __restrict__ W, const u16* _
   const int warp_m = warp / WARPS_N, warp_n = warp % WARPS_N;
   const int g = lane >> 2, t = lane & 3;
 
-  // Grouped tile order: GROUP consecutive CTAs share W tiles in L2.
+  // Grouped tile order: GROUP consecutive CTAs (clusters) share W tiles in L2. A cluster's CTAs take
+  // the same rows and adjacent N tiles, so the grid has CLUSTER * ceil(tiles_n / CLUSTER) of them per
+  // row of tiles.
   const int tiles_m = (M + BM - 1) / BM, tiles_n = (N + BN - 1) / BN;
-  const int GROUP = 8;
-  const int pid = blockIdx.x, per_group = GROUP * tiles_n;
+  const int GROUP = 8, slots_n = (tiles_n + CLUSTER - 1) / CLUSTER;
+#if CLUSTER_SHARE
+  const int rank = (int)cluster_ctarank();
+#else
+  const int rank = 0;
+#endif
+  const int pid = blockIdx.x / CLUSTER, per_group = GROUP * slots_n;
   const int first_m = (pid / per_group) * GROUP, group_rows = min(tiles_m - first_m, GROUP);
-  const int tile_m = first_m + (pid % per_group) % group_rows, tile_n = (pid % per_group) / group_rows;
+  const int tile_m = first_m + (pid % per_group) % group_rows;
+  const int tile_n = CLUSTER * ((pid % per_group) / group_rows) + rank;
   const int row0 = tile_m * BM, col0 = tile_n * BN;
+  const int x_row0 = row0 + rank * X_ROWS;  // the X rows this CTA copies and compresses
 
   // This thread's part of every tile copy: 16 bytes at column copy_col of rows copy_row + i * COPY_STEP
   // of the tile. Which of those rows exist (row0 + r < M, col0 + r < N) is fixed for the whole K
   // loop: one bit per copy. Byte offsets are 32-bit from the tile's first row; a missing row, or a tile
   // past the last (see load_group), is a zero-fill copy from a valid address (no global read).
-  constexpr int COPY_STEP = THREADS / (BK / 8), X_COPIES = BM / COPY_STEP, W_COPIES = BN / COPY_STEP;
+  constexpr int COPY_STEP = THREADS / (BK / 8), X_COPIES = X_ROWS / COPY_STEP, W_COPIES = BN / COPY_STEP;
   const int copy_row = tid / (BK / 8), copy_col = (tid % (BK / 8)) * 8;
-  const u16* x_src = X + (size_t)row0 * K + copy_col;
+  const u16* x_src = X + (size_t)x_row0 * K + copy_col;
   const u16* w_src = W + (size_t)col0 * K + copy_col;
   u32 x_rows = 0, w_rows = 0;
   u32 x_offset[X_COPIES], w_offset[W_COPIES];  // bytes
@@ -186,8 +250,8 @@ fused_nm_gemm(const u16* __restrict__ X, const u16* __restrict__ W, const u16* _
   for (int i = 0; i < W_COPIES; ++i) {
     const int r = copy_row + i * COPY_STEP;
     if (i < X_COPIES) {
-      x_rows |= (u32)(r < M - row0) << i;
-      x_offset[i] = r < M - row0 ? 2u * r * K : 0u;
+      x_rows |= (u32)(r < M - x_row0) << i;
+      x_offset[i] = r < M - x_row0 ? 2u * r * K : 0u;
     }
     w_rows |= (u32)(r < N - col0) << i;
     w_offset[i] = r < N - col0 ? 2u * r * K : 0u;
@@ -228,9 +292,24 @@ fused_nm_gemm(const u16* __restrict__ X, const u16* __restrict__ W, const u16* _
       for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.0f;
 
   // The compressing role of this thread: 32 values of one row of the X tile (one k32 step), which
-  // become 8 packed words and 2 metadata half-words of the compressed tile.
+  // become 8 packed words and 2 metadata half-words of the compressed tile. crow is the row among
+  // this CTA's X_ROWS, trow the row of the BM-row tile. With a cluster, only threads 0..127 (warps
+  // 0-3, one on each scheduler) compress; the test is warp-uniform.
   const int crow = tid / KSTEPS, cstep = tid % KSTEPS;
-  const int cslab = crow / 16, cr16 = crow % 16;
+  const bool compressor = !CLUSTER_SHARE || crow < X_ROWS;
+  const int trow = rank * X_ROWS + crow, cslab = trow / 16, cr16 = trow % 16;
+#if CLUSTER_SHARE
+  // The peer's copy of a shared variable is at its own address plus this offset in the cluster's
+  // shared window (mapa maps addresses linearly).
+  const u32 peer_offset = mapa_shared(smem_addr(&sh), rank ^ 1) - smem_addr(&sh);
+#endif
+  // Stores one word of the compressed tile, in this CTA and, with a cluster, in the peer.
+  auto store_shared = [&](auto* p, auto value) {
+    *p = value;
+#if CLUSTER_SHARE
+    st_cluster(smem_addr(p) + peer_offset, value);
+#endif
+  };
   RowStats stats = {0.0f, 0.0f, 0, 0};
   u32 packed[8], meta[2], key_max;
   float sum_total, sum_kept;
@@ -257,18 +336,20 @@ fused_nm_gemm(const u16* __restrict__ X, const u16* __restrict__ W, const u16* _
     const int buf = kt & 1;
 #pragma unroll
     for (int j = 0; j < 8; ++j)
-      sh.a[buf][cslab][cstep][(cr16 % 8) * 4 + (j % 4)][(cr16 / 8) + 2 * (j / 4)] = packed[j];
+      store_shared(&sh.a[buf][cslab][cstep][(cr16 % 8) * 4 + (j % 4)][(cr16 / 8) + 2 * (j / 4)], packed[j]);
 #pragma unroll
-    for (int h = 0; h < 2; ++h) sh.meta[buf][cslab][cstep][(cr16 % 8) * 4 + h][cr16 / 8] = (u16)meta[h];
+    for (int h = 0; h < 2; ++h) store_shared(&sh.meta[buf][cslab][cstep][(cr16 % 8) * 4 + h][cr16 / 8], (u16)meta[h]);
   };
 
   // Prologue: groups 0 .. STAGES-1 in flight, then X tile 0 compressed.
 #pragma unroll
   for (int j = 0; j < STAGES; ++j) load_group(j);
   cp_async_wait<STAGES - 1>();
-  __syncthreads();
-  compress_fast(0);
-  compress_finish(0);
+  tile_sync();  // with a cluster also: the peer is running, so its shared memory may be written
+  if (compressor) {
+    compress_fast(0);
+    compress_finish(0);
+  }
 
   // One barrier per K tile. Iteration kt multiplies compressed tile kt (buffer kt % 2) by W tile kt
   // while the same warps compress X tile kt + 1 into the other buffer. The two are independent and,
@@ -281,8 +362,8 @@ fused_nm_gemm(const u16* __restrict__ X, const u16* __restrict__ W, const u16* _
     fence_proxy_async();  // this thread's copies of W tile kt, visible to the wgmma (async proxy)
 #endif
     // Also: compressed tile kt is complete, and every warp is done with W tile kt - 1 and with
-    // compressed buffer (kt + 1) % 2, which this iteration refills.
-    __syncthreads();
+    // compressed buffer (kt + 1) % 2, which this iteration refills (with a cluster: in both CTAs).
+    tile_sync();
     load_group(kt + STAGES);  // X tile kt + STAGES and W tile kt + STAGES - 1, into freed stages
 
     const int buf = kt & 1, stage = kt % STAGES;
@@ -302,8 +383,10 @@ fused_nm_gemm(const u16* __restrict__ X, const u16* __restrict__ W, const u16* _
     for (int ks = 0; ks < KSTEPS; ++ks)
       wgmma_sp<BN>(&acc[0][0][0], a[ks], sw128_desc(smem_addr(&sh.w[stage][0][0]) + ks * 64), e[ks]);
     wgmma_commit();
-    compress_fast(kt + 1);
-    compress_finish(kt + 1);
+    if (compressor) {
+      compress_fast(kt + 1);
+      compress_finish(kt + 1);
+    }
     wgmma_wait<0>();
 #else
 #pragma unroll
@@ -339,7 +422,7 @@ fused_nm_gemm(const u16* __restrict__ X, const u16* __restrict__ W, const u16* _
 #endif
 
   // ---- norm scale per row: combine the KSTEPS threads that compressed each row -----------------
-  {
+  if (compressor) {
     RowStats st = stats;
 #pragma unroll
     for (int offset = 1; offset < KSTEPS; offset <<= 1) {
@@ -350,9 +433,9 @@ fused_nm_gemm(const u16* __restrict__ X, const u16* __restrict__ W, const u16* _
       other.nonfinite = __shfl_xor_sync(0xffffffffu, st.nonfinite, offset);
       stats_combine(st, other);
     }
-    if (cstep == 0) sh.scale[crow] = norm_comp ? stats_scale(st) : 1.0f;
+    if (cstep == 0) store_shared(&sh.scale[trow], norm_comp ? stats_scale(st) : 1.0f);
   }
-  __syncthreads();
+  tile_sync();  // with a cluster, also the last access to the peer's shared memory
 
   // ---- epilogue: scale, low-rank term, bias, one rounding --------------------------------------
 #pragma unroll
