@@ -14,6 +14,8 @@ The replacement is traced with Inductor's pattern matcher (``Match.replace_by_ex
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import fx
 from torch._guards import detect_fake_mode
@@ -74,7 +76,7 @@ def inline_triton_kernels(graph: fx.Graph) -> set[str]:
     if not candidates:
         return set()
     fake_mode = detect_fake_mode([node.meta.get("val") for node in graph.find_nodes(op="placeholder")])
-    with V.set_fake_mode(fake_mode):
+    with V.set_fake_mode(fake_mode) if fake_mode is not None else contextlib.nullcontext():
         _PASS.apply(graph)
     remaining = set(graph.find_nodes(op="call_function", target=_OP))
     return {node.name for node in candidates if node not in remaining}
