@@ -13,6 +13,9 @@ Routes:
   naive_cslt       PyTorch's unfused route: top-2 mask, torch._cslt_compress, torch._cslt_sparse_mm, epilogue
   lynx_cusparselt  our kernel "cusparselt": compress + cuSPARSELt + fp32 epilogue
   lynx_triton      our kernel "triton": Triton compress + Triton dense-gather GEMM
+  lynx_triton_compiled  F.linear compiled by rtlynx with kernel="triton" (not a default route: one compile per
+                   shape). On CUDA Inductor launches the inlined kernels (option triton_op), so lynx_triton minus
+                   this is the cost of launching them from Python through the opaque op. No low-rank term.
   lynx_fused       our kernel "fused": compression in shared memory + mma.sp GEMM + epilogue, one CUDA kernel
   fused_no_select  the fused kernel with selection and norm statistics skipped (wrong results; timing only):
                    lynx_fused minus this is the in-kernel compression cost
@@ -37,8 +40,8 @@ from lynx_compile.kernels import reference
 
 DIT_TOKENS = (1024, 4096, 8192, 16384)
 DIT_KN = ((1152, 1152), (1152, 4608), (4608, 1152), (3072, 3072), (3072, 12288), (12288, 3072))
-ALL_ROUTES = ("dense", "naive_cslt", "lynx_cusparselt", "lynx_triton", "lynx_fused", "fused_no_select", "compress",
-              "reference")
+ALL_ROUTES = ("dense", "naive_cslt", "lynx_cusparselt", "lynx_triton", "lynx_triton_compiled", "lynx_fused",
+              "fused_no_select", "compress", "reference")
 TIMING_ONLY = ("dense", "compress", "fused_no_select")  # routes whose output is not the layer's result
 RANK = 64
 
@@ -74,6 +77,26 @@ def _require(unavailable_reason, device: str, dtype: torch.dtype) -> None:
         raise RuntimeError(reason)
 
 
+def _compiled_triton_layer(device: str):
+    """``F.linear`` compiled by the rtlynx backend with the Triton kernel, as a route."""
+    import lynx_compile  # noqa: F401  (registers the backend)
+    from lynx_compile.kernels import triton_compress
+
+    reason = triton_compress.triton_unavailable_reason(device)
+    if reason:
+        raise RuntimeError(reason)
+    torch._dynamo.reset()  # one compile per shape, so the recompile limit never falls back to eager
+    compiled = torch.compile(lambda x, w_t, bias: F.linear(x, w_t.t(), bias), backend="rtlynx", dynamic=False,
+                             options={"kernel": "triton", "min_tokens": 0})
+
+    def run(x, w_t, bias, lr_down, lr_up):
+        if lr_down is not None:
+            raise ValueError("a compiled layer takes its low-rank term from a calibration plan; use --low-rank off")
+        return compiled(x, w_t, bias)
+
+    return run
+
+
 def route_fn(route: str, device: str, dtype: torch.dtype):
     """(callable(x, w_t, bias, lr_down, lr_up) -> y) for a route, or raise with the reason it cannot run."""
     if route == "dense":
@@ -93,6 +116,8 @@ def route_fn(route: str, device: str, dtype: torch.dtype):
 
         return lambda x, w_t, bias, lr_down, lr_up: triton_sparse_mm.sparse_matmul(x, w_t, bias, lr_down, lr_up,
                                                                                    n=2, m=4)
+    if route == "lynx_triton_compiled":
+        return _compiled_triton_layer(device)
     if route in ("lynx_fused", "fused_no_select"):
         from lynx_compile.kernels import fused_cuda
 

@@ -24,6 +24,22 @@ def test_cpu_smoke_run_writes_json_and_table(tmp_path, capsys):
     assert "32x64x16" in capsys.readouterr().out and list(tmp_path.glob("bench_linear_cpu_*.md"))
 
 
+def test_compiled_triton_route_matches_the_reference(tmp_path):
+    """The route that times the inlined kernels on CUDA; on the CPU it runs the interpreter through the op."""
+    from lynx_compile.kernels import triton_compress
+
+    if triton_compress.triton_unavailable_reason("cpu"):
+        pytest.skip(triton_compress.triton_unavailable_reason("cpu"))
+    assert bench_linear.main(["--device", "cpu", "--dtype", "float32", "--shapes", "32x64x16",
+                              "--routes", "lynx_triton_compiled", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("bench_linear_cpu_*.json")
+    plain, low_rank = json.loads(path.read_text())["results"]
+    assert plain["routes"]["lynx_triton_compiled"]["max_rel_error"] < 1e-6
+    assert low_rank["routes"]["lynx_triton_compiled"] == {
+        "ms": None, "error": "ValueError: a compiled layer takes its low-rank term from a calibration plan; "
+                             "use --low-rank off"}
+
+
 def test_bad_arguments_are_clear_errors():
     with pytest.raises(SystemExit, match="bench_linear: shape '64x64' is not MxKxN"):
         bench_linear.parse_shapes("64x64")
