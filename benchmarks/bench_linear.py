@@ -14,8 +14,9 @@ Routes:
   lynx_cusparselt  our kernel "cusparselt": compress + cuSPARSELt + fp32 epilogue
   lynx_triton      our kernel "triton": Triton compress + Triton dense-gather GEMM
   lynx_triton_compiled  F.linear compiled by rtlynx with kernel="triton" (not a default route: one compile per
-                   shape). On CUDA Inductor launches the inlined kernels (option triton_op), so lynx_triton minus
-                   this is the cost of launching them from Python through the opaque op. No low-rank term.
+                   shape). On CUDA Inductor launches the inlined kernels (option triton_op), so lynx_triton (the
+                   same kernels launched from Python) minus this is roughly the launch cost that inlining
+                   removes. No low-rank term.
   lynx_fused       our kernel "fused": compression in shared memory + mma.sp GEMM + epilogue, one CUDA kernel
   fused_no_select  the fused kernel with selection and norm statistics skipped (wrong results; timing only):
                    lynx_fused minus this is the in-kernel compression cost
