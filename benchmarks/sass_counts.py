@@ -161,15 +161,15 @@ def count_target(arch: str, dtype: torch.dtype, config: fused_cuda.TileConfig) -
     row = {"arch": config.arch(arch), "dtype": str(dtype).removeprefix("torch."), "tile": config.name}
     for variant in VARIANTS:
         built = fused_cuda.build(arch, dtype, config, use_cache=False, variant=variant)
-        counts = loop_counts(disassemble(built.cubin))
+        instructions = disassemble(built.cubin)
         if variant == "kernel":
             row["registers"] = int(re.search(r"Used (\d+) registers", built.log).group(1))
             row["spill_bytes"] = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", built.log))
-        row[variant] = counts
+        if variant == "common_path":
+            row["issue_per_scheduler"] = issue_per_scheduler(main_loop(instructions))
+        row[variant] = loop_counts(instructions)
     row["compression_instructions"] = (row["common_path"]["loop_instructions"]
                                        - row["no_selection"]["loop_instructions"])
-    common = fused_cuda.build(arch, dtype, config, use_cache=True, variant="common_path")
-    row["issue_per_scheduler"] = issue_per_scheduler(main_loop(disassemble(common.cubin)))
     return row
 
 

@@ -83,8 +83,7 @@ def sparse_matmul(
     inside ``lynx_compile.run_dense()`` (dense denoising steps): both are decided here, at run time,
     so switching never recompiles. ``impl`` names the kernel (see ``registry``).
     """
-    reference.check_sparse_matmul_args(x, other, bias, lr_down, lr_up, n, m)
-    reference.check_plan_inputs(x, other, perm, comp_bias)
+    reference.check_layer_inputs(x, other, bias, lr_down, lr_up, perm, comp_bias, n, m)
     if x.shape[-2] < min_tokens or dense_mode.active():
         return reference.dense_matmul(x, other, bias)
     if perm is not None:
@@ -96,7 +95,6 @@ def sparse_matmul(
 @sparse_matmul.register_fake
 def _sparse_matmul_fake(x, other, bias=None, lr_down=None, lr_up=None, perm=None, comp_bias=None, *, n=2, m=4,
                         norm_comp=True, min_tokens=0, impl="reference"):
-    reference.check_sparse_matmul_args(x, other, bias, lr_down, lr_up, n, m)
-    reference.check_plan_inputs(x, other, perm, comp_bias)
+    reference.check_layer_inputs(x, other, bias, lr_down, lr_up, perm, comp_bias, n, m)
     get_kernel(impl)
     return x.new_empty(*_batch_shape(x, other), x.shape[-2], other.shape[-1])

@@ -86,6 +86,12 @@ def check_plan_inputs(x, other, perm, comp_bias) -> None:
                          f"{tuple(comp_bias.shape)}")
 
 
+def check_layer_inputs(x, other, bias, lr_down, lr_up, perm, comp_bias, n: int, m: int) -> None:
+    """Every input of the fused layer (``rtlynx::sparse_matmul`` and ``rtlynx::triton_sparse_matmul``)."""
+    check_sparse_matmul_args(x, other, bias, lr_down, lr_up, n, m)
+    check_plan_inputs(x, other, perm, comp_bias)
+
+
 def check_compressed(values, indices, scale) -> None:
     """The output of ``compress`` as ``sparse_mm`` takes it."""
     if indices.dtype != torch.uint8 or indices.shape != values.shape:

@@ -27,12 +27,7 @@ from torch import Tensor
 
 from . import reference, triton_sparse_mm
 from .triton_compress import triton
-
-
-def permute_rows(t: Tensor, perm: Tensor) -> Tensor:
-    """``t.index_select(-2, perm)`` as a gather, which traces on fake CUDA tensors in a CPU-only torch
-    (the tests' case; index_select decomposes to indexing, which needs a CUDA build there)."""
-    return t.gather(-2, perm.unsqueeze(-1).expand(t.shape))
+from .triton_sparse_mm import permute_rows
 
 
 def triton_sparse_matmul_body(
@@ -48,8 +43,7 @@ def triton_sparse_matmul_body(
     norm_comp: bool = True,
 ) -> Tensor:
     """``s * S(xp) @ otherp + (xp @ lr_down) @ lr_up + bias + comp_bias`` with the Triton kernels."""
-    reference.check_sparse_matmul_args(x, other, bias, lr_down, lr_up, n, m)
-    reference.check_plan_inputs(x, other, perm, comp_bias)
+    reference.check_layer_inputs(x, other, bias, lr_down, lr_up, perm, comp_bias, n, m)
     if perm is not None:
         other = permute_rows(other, perm)
     bias = reference.fold_comp_bias(x, bias, comp_bias)

@@ -133,6 +133,12 @@ if tl is not None:
         tl.store(out_ptr + batch * s_ob + rm[:, None] * s_om + rn[None, :] * s_on, res, mask=m_ok & n_ok)
 
 
+def permute_rows(t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``t.index_select(-2, perm)`` as a gather, which traces on fake CUDA tensors in a CPU-only torch
+    (the tests' case; index_select decomposes to indexing, which needs a CUDA build there)."""
+    return t.gather(-2, perm.unsqueeze(-1).expand(t.shape))
+
+
 def _expand(t: torch.Tensor, shape: tuple, what: str) -> torch.Tensor:
     try:
         return t.expand(shape)
@@ -251,8 +257,7 @@ def sparse_matmul(
         return reference.dense_matmul(x, other, bias)
     values, indices, scale = compress(x, n, m, norm_comp, perm, traceable=traceable)
     if perm is not None and lr_down is not None:  # x @ lr_down[perm^-1] == x[..., perm] @ lr_down
-        inverse = torch.argsort(perm)
-        lr_down = lr_down.gather(0, inverse.unsqueeze(-1).expand(lr_down.shape))  # traces like permute_rows
+        lr_down = permute_rows(lr_down, torch.argsort(perm))
     t = torch.matmul(x.float(), lr_down.float()) if lr_down is not None else None
     return _gemm(values, indices, scale, other, bias, t, lr_up, n=n, m=m,
                  block_m=block_m, block_n=block_n, block_k=block_k, traceable=traceable)

@@ -27,8 +27,6 @@ from torch.fx.operator_schemas import normalize_function
 from ..kernels import triton_ops
 
 _OP = torch.ops.rtlynx.sparse_matmul.default
-_TENSOR_ARGS = ("x", "other", "bias", "lr_down", "lr_up", "perm", "comp_bias")
-_OPTIONS = ("n", "m", "norm_comp")
 
 
 def _arguments(node: fx.Node) -> dict:
@@ -58,8 +56,10 @@ _PASS = PatternMatcherPass(pass_name="rtlynx_inline_triton")
                         pass_dict=_PASS)
 def _inline(match, *args, **kwargs):
     named = _arguments(match.nodes[0])
-    inputs = [name for name in _TENSOR_ARGS if isinstance(named.get(name), fx.Node)]
-    options = {name: named[name] for name in _OPTIONS}
+    # The triton_op takes the op's arguments but its run-time switches (min_tokens, impl).
+    parameters = [a.name for a in torch.ops.rtlynx.triton_sparse_matmul.default._schema.arguments]
+    inputs = [name for name in parameters if isinstance(named[name], fx.Node)]
+    options = {name: named[name] for name in parameters if name not in inputs and named[name] is not None}
 
     def traced_body(*tensors):
         return torch.ops.rtlynx.triton_sparse_matmul(**dict(zip(inputs, tensors)), **options)

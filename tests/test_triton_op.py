@@ -221,11 +221,15 @@ def test_triton_op_option_is_validated():
         LynxConfig.from_options({"triton_op": "yes"})
 
 
+def _bf16_mlp_on_gpu() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 128)).cuda().to(torch.bfloat16)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: Inductor compiles the inlined kernels")
 @torch.no_grad()
 def test_compiled_triton_layers_are_inlined_and_match_the_reference_on_gpu():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 128)).cuda().to(torch.bfloat16)
+    model = _bf16_mlp_on_gpu()
     x = torch.randn(4, 300, 256, device="cuda", dtype=torch.bfloat16)
     compiled = torch.compile(model, backend="rtlynx", options={"min_tokens": 0, "kernel": "triton"})
     out = compiled(x)
@@ -264,8 +268,7 @@ def test_compiled_graph_that_cannot_read_the_switch_runs_the_captured_graph_insi
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: CUDA graphs")
 @torch.no_grad()
 def test_run_dense_takes_effect_under_cuda_graphs_on_gpu():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 128)).cuda().to(torch.bfloat16)
+    model = _bf16_mlp_on_gpu()
     x = torch.randn(2, 512, 256, device="cuda", dtype=torch.bfloat16)
     compiled = torch.compile(model, backend="rtlynx", options={"min_tokens": 0, "mode": "reduce-overhead"})
     sparse = [compiled(x).clone() for _ in range(3)]  # warm-up, recording, replay
