@@ -42,7 +42,8 @@ from lynx_compile.calibration import calibrate, input_channel_norms, measure_for
 from lynx_compile.demo import BLOCK_LINEARS
 from lynx_compile.kernels import reference
 from lynx_compile.models import calibration_run, load_evaluation, load_tiny_dit, sample, training_record
-from lynx_compile.plan import LayerPlan, Plan, dtype_name, planned_forward
+from lynx_compile.kernels.contract import dtype_name, parse_pattern
+from lynx_compile.plan import LayerPlan, Plan, planned_forward
 
 
 @dataclasses.dataclass
@@ -60,14 +61,9 @@ def block_linears(model: nn.Module) -> dict[str, nn.Linear]:
     return {p: m for p, m in model.named_modules() if isinstance(m, nn.Linear) and re.search(BLOCK_LINEARS, p)}
 
 
-def _nm(pattern: str) -> tuple[int, int]:
-    n, m = pattern.split(":")
-    return int(n), int(m)
-
-
 def prune_weight(weight: torch.Tensor, score: torch.Tensor, pattern: str) -> torch.Tensor:
     """Keep the top-N-of-M ``score`` entries of every weight row, in groups along K (the input dim)."""
-    n, m = _nm(pattern)
+    n, m = parse_pattern(pattern)
     _, indices = reference.nm_select(score, n, m)
     mask = reference.decompress(torch.ones(indices.shape, dtype=weight.dtype), indices, n, m)
     return weight * mask

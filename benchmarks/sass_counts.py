@@ -36,6 +36,7 @@ import torch
 from tabulate import tabulate
 
 from lynx_compile.kernels import cuda_rtc, fused_cuda
+from lynx_compile.kernels.contract import dtype_name
 
 DEFAULT_TARGETS = ("sm_90:bfloat16:128x256x4-wgmma", "sm_90:bfloat16:128x256x4-wgmma-c2", "sm_90:bfloat16:128x256x3", "sm_90:float16:128x256x3",
                    "sm_80:bfloat16:128x128x3")
@@ -158,7 +159,7 @@ def parse_target(text: str) -> tuple[str, torch.dtype, fused_cuda.TileConfig]:
 
 
 def count_target(arch: str, dtype: torch.dtype, config: fused_cuda.TileConfig) -> dict:
-    row = {"arch": config.arch(arch), "dtype": str(dtype).removeprefix("torch."), "tile": config.name}
+    row = {"arch": config.arch(arch), "dtype": dtype_name(dtype), "tile": config.name}
     for variant in VARIANTS:
         built = fused_cuda.build(arch, dtype, config, use_cache=False, variant=variant)
         instructions = disassemble(built.cubin)

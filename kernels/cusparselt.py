@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import reference
+from . import contract, reference
 
 SPARSE_ALIGN = 16  # rows and K of the sparse operand (fp16/bf16)
 DENSE_ALIGN = 8    # N of the dense operand
@@ -50,7 +50,7 @@ def unavailable_reason(problem) -> str:
     if not torch.backends.cusparselt.is_available():
         return "this PyTorch build has no cuSPARSELt"
     if problem.dtype not in SUPPORTED_DTYPES:
-        return f"dtype {str(problem.dtype).removeprefix('torch.')} unsupported (supported: float16, bfloat16)"
+        return f"dtype {contract.dtype_name(problem.dtype)} unsupported (supported: float16, bfloat16)"
     if problem.batch != 1:
         return "batched GEMMs (bmm) are not supported by the cuSPARSELt path"
     return ""
@@ -90,7 +90,7 @@ def _prune(x2d: torch.Tensor, n: int, m: int, norm_comp: bool):
 def sparse_matmul(x, other, bias=None, lr_down=None, lr_up=None, *, n: int, m: int, norm_comp: bool = True,
                   min_tokens: int = 0) -> torch.Tensor:
     """Same contract as ``reference.sparse_matmul``; the GEMM runs on sparse tensor cores."""
-    reference.check_sparse_matmul_args(x, other, bias, lr_down, lr_up, n, m)
+    contract.check_sparse_matmul_args(x, other, bias, lr_down, lr_up, n, m)
     if other.dim() != 2:
         raise ValueError("the cuSPARSELt path needs a 2-D other (K, N); batched GEMMs use another kernel")
     if x.shape[-2] < min_tokens:

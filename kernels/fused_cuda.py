@@ -29,7 +29,7 @@ from importlib import resources
 import torch
 import torch.nn.functional as F
 
-from . import cuda_rtc, fused_tiles, reference
+from . import contract, cuda_rtc, fused_tiles
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 BLOCK_K = 64
@@ -202,7 +202,7 @@ def unavailable_reason(problem) -> str:
     if (major, minor) < (8, 0):
         return f"compute capability {major}.{minor} < 8.0 (no sparse tensor cores)"
     if problem.dtype not in SUPPORTED_DTYPES:
-        return f"dtype {str(problem.dtype).removeprefix('torch.')} unsupported (supported: float16, bfloat16)"
+        return f"dtype {contract.dtype_name(problem.dtype)} unsupported (supported: float16, bfloat16)"
     if problem.batch != 1:
         return "batched GEMMs (bmm) are not supported by the fused kernel"
     if problem.k % BLOCK_K:
@@ -253,7 +253,7 @@ def sparse_matmul(x, other, bias=None, lr_down=None, lr_up=None, *, n: int, m: i
                   config: TileConfig | None = None):
     """Same contract as ``reference.sparse_matmul`` (without ``min_tokens``, decided by the op);
     ``config`` overrides the per-shape tile choice."""
-    reference.check_sparse_matmul_args(x, other, bias, lr_down, lr_up, n, m)
+    contract.check_sparse_matmul_args(x, other, bias, lr_down, lr_up, n, m)
     if (n, m) != (2, 4) or x.dtype not in SUPPORTED_DTYPES or not x.is_cuda or other.dim() != 2:
         raise ValueError(f"the fused kernel runs 2:4 fp16/bf16 2-D GEMMs on CUDA, got {n}:{m} {x.dtype} on "
                          f"{x.device.type} with a {other.dim()}-D right operand")

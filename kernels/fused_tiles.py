@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from . import cuda_rtc
+from .contract import dtype_name
 
 DTYPES = ("float16", "bfloat16")
 REGISTERS_PER_SM = 64 * 1024      # sm_80 to sm_90
@@ -170,9 +171,8 @@ def choose(device: DeviceInfo, dtype: torch.dtype, m: int, n: int, k: int, confi
 
     Called at every launch, hence cached; tables are read once per process (``clear_cache`` re-reads).
     """
-    dtype_name = str(dtype).removeprefix("torch.")
     note = ""
-    hit = tuned_entry(device.name, dtype_name, m, n, k)
+    hit = tuned_entry(device.name, dtype_name(dtype), m, n, k)
     if hit:
         entry, path = hit
         config = next((c for c in configs if c.name == entry.config), None)

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import dense_mode, reference, triton_ops  # noqa: F401  (triton_ops registers rtlynx::triton_sparse_matmul)
+from . import contract, dense_mode, reference, triton_ops  # noqa: F401  (triton_ops registers rtlynx::triton_sparse_matmul)
 from .registry import get_kernel
 
 
@@ -27,8 +27,7 @@ def compress(x: Tensor, n: int, m: int, norm_comp: bool = True) -> tuple[Tensor,
 
 @compress.register_fake
 def _compress_fake(x, n, m, norm_comp=True):
-    reference.check_pattern(n, m)
-    reference.check_operand(x, m)
+    contract.check_compress_inputs(x, n, m)
     kc = x.shape[-1] // m * n
     return (
         x.new_empty(*x.shape[:-1], kc),
@@ -47,12 +46,7 @@ def sparse_mm(
 
 @sparse_mm.register_fake
 def _sparse_mm_fake(values, indices, scale, other, bias, n, m):
-    reference.check_pattern(n, m)
-    reference.check_operand(values, 1, "values")
-    reference.check_compressed(values, indices, scale)
-    reference.check_operand(other, 1, "other")
-    reference.check_same_dtype(values, other=other, bias=bias)
-    reference.check_reduction_dims(values, other, values.shape[-1] // n * m)
+    contract.check_sparse_mm_inputs(values, indices, scale, other, bias, n, m)
     return values.new_empty(*_batch_shape(values, other), values.shape[-2], other.shape[-1])
 
 
@@ -83,7 +77,7 @@ def sparse_matmul(
     inside ``lynx_compile.run_dense()`` (dense denoising steps): both are decided here, at run time,
     so switching never recompiles. ``impl`` names the kernel (see ``registry``).
     """
-    reference.check_layer_inputs(x, other, bias, lr_down, lr_up, perm, comp_bias, n, m)
+    contract.check_layer_inputs(x, other, bias, lr_down, lr_up, perm, comp_bias, n, m)
     if x.shape[-2] < min_tokens or dense_mode.active():
         return reference.dense_matmul(x, other, bias)
     if perm is not None:
@@ -95,6 +89,6 @@ def sparse_matmul(
 @sparse_matmul.register_fake
 def _sparse_matmul_fake(x, other, bias=None, lr_down=None, lr_up=None, perm=None, comp_bias=None, *, n=2, m=4,
                         norm_comp=True, min_tokens=0, impl="reference"):
-    reference.check_layer_inputs(x, other, bias, lr_down, lr_up, perm, comp_bias, n, m)
+    contract.check_layer_inputs(x, other, bias, lr_down, lr_up, perm, comp_bias, n, m)
     get_kernel(impl)
     return x.new_empty(*_batch_shape(x, other), x.shape[-2], other.shape[-1])

@@ -18,25 +18,7 @@ from __future__ import annotations
 
 import torch
 
-SUPPORTED_PATTERNS = ((1, 2), (2, 4), (4, 8))
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def check_pattern(n: int, m: int) -> None:
-    if (n, m) not in SUPPORTED_PATTERNS:
-        valid = ", ".join(f"{a}:{b}" for a, b in SUPPORTED_PATTERNS)
-        raise ValueError(f"unsupported N:M pattern {n}:{m}; valid patterns: {valid}")
-
-
-def check_operand(x: torch.Tensor, m: int, what: str = "x") -> None:
-    if x.dtype not in SUPPORTED_DTYPES:
-        valid = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
-        raise TypeError(f"{what} has unsupported dtype {x.dtype}; supported dtypes: {valid}")
-    if x.dim() < 1:
-        raise ValueError(f"{what} must have at least one dimension (the reduction dim K)")
-    if x.shape[-1] % m != 0:
-        raise ValueError(f"{what}: reduction dim K={x.shape[-1]} is not divisible by M={m}")
-
+from .contract import check_compress_inputs, check_pattern, check_sparse_matmul_args, check_sparse_mm_inputs
 
 _SAME_WIDTH_INT = {2: torch.int16, 4: torch.int32}
 
@@ -45,61 +27,6 @@ def _gather_bits(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``gather`` on the raw bits: CPU gather canonicalises bf16 NaNs, losing payload and sign."""
     as_int = _SAME_WIDTH_INT[x.element_size()]
     return x.view(as_int).gather(-1, index).view(x.dtype)
-
-
-def check_same_dtype(x: torch.Tensor, **others: torch.Tensor | None) -> None:
-    """One dtype for every GEMM operand, as addmm requires; no silent promotion."""
-    for name, t in others.items():
-        if t is not None and t.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; rtlynx ops need one dtype for "
-                            f"x, other and bias")
-
-
-def check_reduction_dims(x: torch.Tensor, other: torch.Tensor, k: int) -> None:
-    if x.dim() < 2 or other.dim() < 2:
-        raise ValueError(f"expected x and other with at least 2 dims, got {x.dim()} and {other.dim()}")
-    if k != other.shape[-2]:
-        raise ValueError(f"reduction dims differ: x has K={k}, other has K={other.shape[-2]}")
-
-
-def check_sparse_matmul_args(x, other, bias, lr_down, lr_up, n: int, m: int) -> None:
-    """Every kernel's ``sparse_matmul`` accepts exactly the same inputs, and rejects the rest alike."""
-    check_pattern(n, m)
-    check_operand(x, m)
-    check_operand(other, 1, "other")
-    check_same_dtype(x, other=other, bias=bias)
-    check_reduction_dims(x, other, x.shape[-1])
-    if (lr_down is None) != (lr_up is None):
-        raise ValueError("lr_down and lr_up must be given together (low-rank compensation)")
-    if lr_down is not None and (lr_down.dim() != 2 or lr_up.dim() != 2 or lr_down.shape[0] != x.shape[-1]
-                                or lr_up.shape[0] != lr_down.shape[1] or lr_up.shape[1] != other.shape[-1]):
-        raise ValueError(f"lr_down must be (K={x.shape[-1]}, R) and lr_up (R, N={other.shape[-1]}), got "
-                         f"{tuple(lr_down.shape)} and {tuple(lr_up.shape)}")
-
-
-def check_plan_inputs(x, other, perm, comp_bias) -> None:
-    """The calibration-plan inputs of ``rtlynx::sparse_matmul``, checked alike in eager and traced calls."""
-    if perm is not None and (perm.dtype != torch.int64 or tuple(perm.shape) != (x.shape[-1],)):
-        raise ValueError(f"perm must be int64 of shape (K={x.shape[-1]},), got {perm.dtype} {tuple(perm.shape)}")
-    if comp_bias is not None and (comp_bias.dtype != torch.float32 or tuple(comp_bias.shape) != (other.shape[-1],)):
-        raise ValueError(f"comp_bias must be float32 of shape (N={other.shape[-1]},), got {comp_bias.dtype} "
-                         f"{tuple(comp_bias.shape)}")
-
-
-def check_layer_inputs(x, other, bias, lr_down, lr_up, perm, comp_bias, n: int, m: int) -> None:
-    """Every input of the fused layer (``rtlynx::sparse_matmul`` and ``rtlynx::triton_sparse_matmul``)."""
-    check_sparse_matmul_args(x, other, bias, lr_down, lr_up, n, m)
-    check_plan_inputs(x, other, perm, comp_bias)
-
-
-def check_compressed(values, indices, scale) -> None:
-    """The output of ``compress`` as ``sparse_mm`` takes it."""
-    if indices.dtype != torch.uint8 or indices.shape != values.shape:
-        raise ValueError(f"indices must be uint8 of the values' shape {tuple(values.shape)}, got {indices.dtype} "
-                         f"{tuple(indices.shape)}")
-    if scale.dtype != torch.float32 or scale.shape != values.shape[:-1]:
-        raise ValueError(f"scale must be float32 of shape {tuple(values.shape[:-1])}, got {scale.dtype} "
-                         f"{tuple(scale.shape)}")
 
 
 def fold_comp_bias(x: torch.Tensor, bias: torch.Tensor | None, comp_bias: torch.Tensor | None):
@@ -117,8 +44,7 @@ def dense_matmul(x: torch.Tensor, other: torch.Tensor, bias: torch.Tensor | None
 
 def nm_select(x: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-n-of-m by magnitude along the last dim -> (values, uint8 in-group indices)."""
-    check_pattern(n, m)
-    check_operand(x, m)
+    check_compress_inputs(x, n, m)
     k = x.shape[-1]
     groups = x.reshape(*x.shape[:-1], k // m, m)
     # Rank by (class, |x|) with NaN > Inf > finite; two stable sorts give the lexicographic order
@@ -177,12 +103,7 @@ def decompress(values: torch.Tensor, indices: torch.Tensor, n: int, m: int) -> t
 
 def sparse_mm(values, indices, scale, other, bias=None, *, n: int, m: int) -> torch.Tensor:
     """``scale * (S(x) @ other) + bias`` with torch.matmul broadcasting; fp32 accumulate."""
-    check_pattern(n, m)
-    check_operand(values, 1, "values")
-    check_compressed(values, indices, scale)
-    check_operand(other, 1, "other")
-    check_same_dtype(values, other=other, bias=bias)
-    check_reduction_dims(values, other, values.shape[-1] // n * m)
+    check_sparse_mm_inputs(values, indices, scale, other, bias, n, m)
     xs = decompress(values, indices, n, m)
     y = torch.matmul(xs.float(), other.float()) * scale.unsqueeze(-1)
     if bias is not None:

@@ -45,7 +45,7 @@ import os
 
 import torch
 
-from . import reference
+from . import contract
 
 try:  # triton is optional: importing this module must work without it.
     import triton
@@ -260,8 +260,7 @@ def prune(
 
 
 def _launch(x, n, m, norm_comp, perm, block_rows, block_k, *, pruned: bool, traceable: bool):
-    reference.check_pattern(n, m)
-    reference.check_operand(x, m)
+    contract.check_compress_inputs(x, n, m)
     if perm is not None:
         _check_perm(perm, x, check_values=not traceable)
     require_triton(x.device)

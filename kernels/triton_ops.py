@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import reference, triton_sparse_mm
+from . import contract, reference, triton_sparse_mm
 from .triton_compress import triton
 from .triton_sparse_mm import permute_rows
 
@@ -43,7 +43,7 @@ def triton_sparse_matmul_body(
     norm_comp: bool = True,
 ) -> Tensor:
     """``s * S(xp) @ otherp + (xp @ lr_down) @ lr_up + bias + comp_bias`` with the Triton kernels."""
-    reference.check_layer_inputs(x, other, bias, lr_down, lr_up, perm, comp_bias, n, m)
+    contract.check_layer_inputs(x, other, bias, lr_down, lr_up, perm, comp_bias, n, m)
     if perm is not None:
         other = permute_rows(other, perm)
     bias = reference.fold_comp_bias(x, bias, comp_bias)

@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from . import reference
+from . import contract, reference
 from .triton_compress import (
     compress, is_interpreted, launchable, new_output, pow2_block, require_triton, tl, triton,
     triton_unavailable_reason,
@@ -60,8 +60,8 @@ def unavailable_reason(device_type: str, dtype: torch.dtype, shape: tuple) -> st
     reason = triton_unavailable_reason(device_type)
     if reason:
         return reason
-    if dtype not in reference.SUPPORTED_DTYPES:
-        valid = ", ".join(str(d).removeprefix("torch.") for d in reference.SUPPORTED_DTYPES)
+    if dtype not in contract.SUPPORTED_DTYPES:
+        valid = ", ".join(contract.DTYPES)
         return f"dtype {dtype} is not supported by the Triton sparse GEMM; supported dtypes: {valid}"
     return ""
 
@@ -156,12 +156,7 @@ def _flat(t: torch.Tensor, batch: tuple, tail: tuple, what: str) -> torch.Tensor
 
 def _check_compressed(values, indices, scale, other, bias, n, m) -> None:
     """The checks of :func:`reference.sparse_mm`, plus the layout the kernel relies on."""
-    reference.check_pattern(n, m)
-    reference.check_operand(values, 1, "values")
-    reference.check_operand(other, 1, "other")
-    reference.check_same_dtype(values, other=other, bias=bias)
-    reference.check_reduction_dims(values, other, values.shape[-1] // n * m)
-    reference.check_compressed(values, indices, scale)
+    contract.check_sparse_mm_inputs(values, indices, scale, other, bias, n, m)
     if values.shape[-1] % n != 0:
         raise ValueError(f"compressed dim {values.shape[-1]} is not a multiple of N={n}")
 
@@ -252,7 +247,7 @@ def sparse_matmul(
     the groups are formed over ``x[..., perm]``, gathered as the compress kernel loads x (``other``
     and ``lr_down`` must already be in that order). ``traceable`` launches through ``wrap_triton``.
     """
-    reference.check_sparse_matmul_args(x, other, bias, lr_down, lr_up, n, m)
+    contract.check_sparse_matmul_args(x, other, bias, lr_down, lr_up, n, m)
     if x.shape[-2] < min_tokens:
         return reference.dense_matmul(x, other, bias)
     values, indices, scale = compress(x, n, m, norm_comp, perm, traceable=traceable)

@@ -1,14 +1,14 @@
 """The ``rtlynx`` torch.compile backend.
 
 Dynamo hands us an FX graph; AOTAutograd and Inductor's decompositions lower it to ATen, where
-every linear becomes one mm/addmm node. ``LynxPass`` runs there as Inductor's post-grad custom pass,
-so everything that is not a GEMM is still fused by Inductor. ``inner="eager"`` runs the same pass on
-the same decomposed graph and executes it op by op, for debugging.
+every linear becomes one mm/addmm node. The pass pipeline (``passes/pipeline.py``) runs there as
+Inductor's post-grad custom pass, so everything that is not a GEMM is still fused by Inductor.
+``inner="eager"`` runs the same pipeline on the same decomposed graph (``lower_to_aten``) and
+executes it op by op, for debugging; ``explain()`` lowers the same way.
 """
 
 from __future__ import annotations
 
-import itertools
 from typing import Any, Mapping
 
 import torch
@@ -18,10 +18,7 @@ from . import report as reports
 from .config import LynxConfig
 from .kernels import dense_mode
 from .log import log
-from .passes.lynx_pass import LynxPass
-
-_graph_counter = itertools.count()
-next_graph_index = _graph_counter.__next__  # one numbering for every graph the passes see
+from .passes.pipeline import LynxPipeline, build_pipeline
 
 
 def _mode_patches(mode: str | None) -> dict[str, Any]:
@@ -55,51 +52,54 @@ def _inductor_patches(config: LynxConfig, mode) -> dict[str, Any]:
     return patches
 
 
-def _compile_inductor(gm, example_inputs, lynx_pass: LynxPass, config: LynxConfig, mode):
+def _compile_inductor(gm, example_inputs, pipeline: LynxPipeline, config: LynxConfig, mode):
     from torch._inductor.compile_fx import compile_fx
 
     patches = _inductor_patches(config, mode)
     # Set for the whole compile, so that every cache key (AOTAutograd's and the FX graph cache's)
     # holds the pass's uuid: a graph compiled without our pass, or with other options, never
     # answers for this one.
-    patches["post_grad_custom_post_pass"] = lynx_pass
+    patches["post_grad_custom_post_pass"] = pipeline
     if config.dump_dir:
         # A cache hit skips post-grad passes, and with them the dumps the user asked for.
         patches["force_disable_caches"] = True
     return compile_fx(gm, example_inputs, inner_compile=_inner_compile, config_patches=patches)
 
 
-def _compile_eager(gm, example_inputs, lynx_pass: LynxPass):
+def lower_to_aten(gm, example_inputs, forward_compiler):
+    """AOTAutograd with Inductor's decompositions: ``forward_compiler`` gets the forward graph in the
+    ATen forms that Inductor's post-grad passes see; the backward graph runs as it is."""
     from torch._dynamo.backends.common import aot_autograd
     from torch._inductor.decomposition import select_decomp_table
 
-    def forward_compiler(fw_gm: fx.GraphModule, _inputs):
-        lynx_pass(fw_gm.graph)
-        fw_gm.recompile()
-        return fw_gm
-
-    def backward_compiler(bw_gm: fx.GraphModule, _inputs):
-        return bw_gm
-
-    return aot_autograd(fw_compiler=forward_compiler, bw_compiler=backward_compiler,
+    return aot_autograd(fw_compiler=forward_compiler, bw_compiler=lambda bw_gm, _inputs: bw_gm,
                         decompositions=select_decomp_table())(gm, example_inputs)
 
 
-def finish_report(lynx_pass: LynxPass, config: LynxConfig) -> None:
-    """Record, log and (with ``dump_dir``) write what the pass did."""
-    report = lynx_pass.report
+def _compile_eager(gm, example_inputs, pipeline: LynxPipeline):
+    def forward_compiler(fw_gm: fx.GraphModule, _inputs):
+        pipeline(fw_gm.graph)
+        fw_gm.recompile()
+        return fw_gm
+
+    return lower_to_aten(gm, example_inputs, forward_compiler)
+
+
+def finish_report(pipeline: LynxPipeline, config: LynxConfig) -> None:
+    """Record, log and (with ``dump_dir``) write what the passes did."""
+    report = pipeline.report
     if report is None:
         log.info("rtlynx graph %d: loaded from Inductor's cache; the rewrites are those of the cached compile",
-                 lynx_pass.graph_index)
+                 pipeline.graph_index)
         return
     reports.record(report)
     log.info(report.summary_line())
     if config.dump_dir:
         where = reports.write_dump(report, config.dump_dir)
-        log.info("rtlynx graph %d: dump written to %s", lynx_pass.graph_index, where)
+        log.info("rtlynx graph %d: dump written to %s", pipeline.graph_index, where)
 
 
-def dense_switch_blocker(lynx_pass: LynxPass, config: LynxConfig, mode, example_inputs) -> str:
+def dense_switch_blocker(pipeline: LynxPipeline, config: LynxConfig, mode, example_inputs) -> str:
     """Why the compiled graph cannot read ``run_dense()`` at run time, or "" when its ops can.
 
     - Inlined Triton kernels are fixed when the graph is compiled.
@@ -109,7 +109,7 @@ def dense_switch_blocker(lynx_pass: LynxPass, config: LynxConfig, mode, example_
     """
     if not any(isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in example_inputs):
         return ""  # no CUDA graph, and nothing inlined (only CUDA GEMMs are)
-    report = lynx_pass.report
+    report = pipeline.report
     if config.inner == "inductor":
         from torch._inductor import config as inductor_config
 
@@ -133,18 +133,9 @@ def dense_inside_run_dense(compiled, captured: fx.GraphModule):
     return run
 
 
-def load_plan(config: LynxConfig):
-    """The calibration plan named by ``options["plan"]``, checked against the options; None without one."""
-    if config.plan is None:
-        return None
-    from .plan import Plan
-
-    plan = Plan.load(config.plan)
-    if (plan.pattern, plan.norm_comp) != (config.pattern, config.norm_comp):
-        raise ValueError(f"plan {config.plan} was calibrated for pattern {plan.pattern!r} with norm_comp="
-                         f"{plan.norm_comp}, but the options say pattern {config.pattern!r} with norm_comp="
-                         f"{config.norm_comp}; compile with the plan's settings or calibrate again")
-    return plan
+def parameter_positions(example_inputs) -> frozenset[int]:
+    """The graph inputs that are ``nn.Parameter``s: a GEMM whose right operand is one is a linear layer."""
+    return frozenset(i for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter))
 
 
 def rtlynx(gm: fx.GraphModule, example_inputs, *, mode: str | None = None,
@@ -154,17 +145,16 @@ def rtlynx(gm: fx.GraphModule, example_inputs, *, mode: str | None = None,
     if mode not in (None, "default") and config.mode not in (None, mode):
         raise ValueError(f"mode given twice with different values: {mode!r} and options['mode']={config.mode!r}")
     mode = config.mode if mode in (None, "default") else mode
-    graph_index = next_graph_index()
-    param_inputs = frozenset(i for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter))
-    lynx_pass = LynxPass(config, graph_index, param_inputs, load_plan(config), inline_triton=config.triton_op)
+    pipeline = build_pipeline(config, purpose="compile", param_inputs=parameter_positions(example_inputs))
     if config.inner == "eager":
-        compiled = _compile_eager(gm, example_inputs, lynx_pass)
+        compiled = _compile_eager(gm, example_inputs, pipeline)
     else:
-        compiled = _compile_inductor(gm, example_inputs, lynx_pass, config, mode)
-    finish_report(lynx_pass, config)
-    blocker = dense_switch_blocker(lynx_pass, config, mode, example_inputs)
+        compiled = _compile_inductor(gm, example_inputs, pipeline, config, mode)
+    finish_report(pipeline, config)
+    blocker = dense_switch_blocker(pipeline, config, mode, example_inputs)
     if blocker:
-        log.info("rtlynx graph %d: %s, so inside run_dense() the captured graph runs eagerly", graph_index, blocker)
+        log.info("rtlynx graph %d: %s, so inside run_dense() the captured graph runs eagerly", pipeline.graph_index,
+                 blocker)
         return dense_inside_run_dense(compiled, gm)
     return compiled
 

@@ -8,14 +8,17 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-PATTERNS = ("2:4", "1:2", "4:8", "dense")
+from .kernels.contract import PATTERN_NAMES, parse_pattern
+from .layer_filter import LayerFilter
+
+PATTERNS = (*PATTERN_NAMES, "dense")
 OP_KINDS = ("linear", "matmul")
 KERNELS = ("auto", "reference", "triton", "cusparselt", "fused")
 INNER_COMPILERS = ("inductor", "eager")
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DUMP_DIR_ENV = "LYNX_DUMP_DIR"
 
-# DESIGN.md: on an H100, 2:4 GEMMs with fewer than ~512 tokens show no gain over dense.
+# On an H100, 2:4 GEMMs with fewer than ~512 tokens show no gain over dense (RT-Lynx, arXiv 2605.26632).
 DEFAULT_MIN_TOKENS = 512
 
 
@@ -74,10 +77,11 @@ class LynxConfig:
     @property
     def nm(self) -> tuple[int, int] | None:
         """(N, M) of the sparsity pattern, or None for ``"dense"``."""
-        if self.pattern == "dense":
-            return None
-        n, m = self.pattern.split(":")
-        return int(n), int(m)
+        return None if self.pattern == "dense" else parse_pattern(self.pattern)
+
+    @property
+    def layer_filter(self) -> LayerFilter:
+        return LayerFilter(self.include, self.exclude)
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | "LynxConfig" | None = None) -> "LynxConfig":

@@ -36,7 +36,7 @@ _ASSUMED = "efficiency 0.7, launch 3 us and sparse setup 5 us assumed"
 PROFILES = {
     # Peaks and bandwidths: NVIDIA datasheets (bf16 dense tensor core, SXM parts).
     "H100": DeviceProfile("H100", 989.4, 3.35, 1.2, 0.7, 3.0, 5.0,
-                          "datasheet H100 SXM5; sparse_ratio 1.2 = cuSPARSELt at 8192^3 (shared/KERNELS.md); " + _ASSUMED),
+                          "datasheet H100 SXM5; sparse_ratio 1.2 = cuSPARSELt at 8192^3 (published NVIDIA cuSPARSELt and CUTLASS example 62 figures); " + _ASSUMED),
     "H200": DeviceProfile("H200", 989.4, 4.8, 1.2, 0.7, 3.0, 5.0,
                           "datasheet H200 SXM; sparse_ratio 1.2 assumed as on H100; " + _ASSUMED),
     "A100": DeviceProfile("A100", 312.0, 2.039, 1.2, 0.7, 3.0, 5.0,
@@ -45,7 +45,7 @@ PROFILES = {
                           "datasheet L40S; sparse_ratio 1.2 assumed; " + _ASSUMED),
     "H20": DeviceProfile("H20", 148.0, 4.0, 1.46, 0.7, 3.0, 5.0,
                          "datasheet H20; sparse_ratio 1.46 = cuSPARSELt 8192x8192x12288, 11.95 -> 8.20 ms "
-                         "(shared/DESIGN.md); " + _ASSUMED),
+                         "(RT-Lynx, arXiv 2605.26632); " + _ASSUMED),
 }
 
 

@@ -17,6 +17,7 @@ import torch
 from tabulate import tabulate
 
 from . import quality
+from .kernels.contract import PATTERN_NAMES, dtype_name
 from .images import grid, side_by_side, to_uint8, write_png
 from .progress import Progress
 
@@ -72,11 +73,10 @@ def run_demo(pattern: str = "2:4", compensation: str = "full", device: str = "au
              progress: bool = True) -> dict:
     """Run the demo and return what it printed as a dict (also written to ``out/demo.json``)."""
     from . import clear_reports, reports
-    from .config import PATTERNS
     from .models import load_evaluation, load_tiny_dit, sample
 
-    if pattern not in PATTERNS or pattern == "dense":
-        choices = ", ".join(repr(p) for p in PATTERNS if p != "dense")
+    if pattern not in PATTERN_NAMES:
+        choices = ", ".join(repr(p) for p in PATTERN_NAMES)
         raise ValueError(f"pattern {pattern!r} is not supported by the demo; valid choices: {choices}")
     if compensation not in COMPENSATIONS:
         raise ValueError(f"compensation {compensation!r} is unknown; valid choices: "
@@ -137,7 +137,7 @@ def run_demo(pattern: str = "2:4", compensation: str = "full", device: str = "au
 
     summary = {
         "device": torch.cuda.get_device_name(target) if target.type == "cuda" else "cpu",
-        "dtype": str(dtype).removeprefix("torch."), "pattern": pattern, "compensation": compensation,
+        "dtype": dtype_name(dtype), "pattern": pattern, "compensation": compensation,
         "compensation_means": COMPENSATION_HELP[compensation], "images": images, "steps": steps,
         "guidance": guidance, "seed": seed, "options": options, "plan": plan_summary, "metrics": metrics,
         "timing_seconds": {k: {"sampling": v["seconds"], "first_call": v["warmup_seconds"]} for k, v in results.items()},

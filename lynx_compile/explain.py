@@ -1,8 +1,10 @@
 """``explain()``: what would ``backend="rtlynx"`` do to this model? A dry run that compiles nothing.
 
 Dynamo traces the model, AOTAutograd lowers it with Inductor's decompositions (the same ATen forms
-Inductor's post-grad passes see), and ``LynxPass`` runs on a copy of each forward graph. The model
-itself then runs its original dense graph, so the call costs about one eager forward.
+Inductor's post-grad passes see, through the backend's own ``lower_to_aten``), and the pipeline that
+``build_pipeline`` makes for a compile runs on a copy of each forward graph, numbered like compiled
+graphs. The model itself then runs its original dense graph, so the call costs about one eager
+forward.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import torch
 from torch import fx
 
 from .config import LynxConfig
-from .passes.lynx_pass import LynxPass
+from .backend import lower_to_aten, parameter_positions
+from .passes.pipeline import build_pipeline
 from .report import GraphReport
 
 
@@ -47,26 +50,18 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
 
 def explain(model, *args, options=None, **kwargs) -> Explanation:
     """Trace ``model(*args, **kwargs)`` and return what the rtlynx passes decide for every GEMM."""
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._inductor.decomposition import select_decomp_table
-
-    from .backend import load_plan
-
     config = LynxConfig.from_options({**(options or {}), "dump_dir": None})
-    plan = load_plan(config)
     explanation = Explanation()
 
     def backend(gm, example_inputs):
-        params = frozenset(i for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter))
+        pipeline = build_pipeline(config, purpose="explain", param_inputs=parameter_positions(example_inputs))
 
         def forward_compiler(fw_gm, _inputs):
-            lynx_pass = LynxPass(config, len(explanation.graphs), params, plan, inline_triton=config.triton_op)
-            lynx_pass(_copy(fw_gm).graph)
-            explanation.graphs.append(lynx_pass.report)
+            pipeline(_copy(fw_gm).graph)
+            explanation.graphs.append(pipeline.report)
             return fw_gm
 
-        return aot_autograd(fw_compiler=forward_compiler, bw_compiler=lambda bw_gm, _: bw_gm,
-                            decompositions=select_decomp_table())(gm, example_inputs)
+        return lower_to_aten(gm, example_inputs, forward_compiler)
 
     torch.compile(model, backend=backend)(*args, **kwargs)
     return explanation

@@ -40,19 +40,13 @@ from tabulate import tabulate
 from torch import Tensor, nn
 
 from .kernels import reference
+from .kernels.contract import compensation_error, parse_pattern
 
 PLAN_FORMAT = "lynx-compile-plan"
 PLAN_VERSION = 1
 PLAN_JSON = "plan.json"
 PLAN_TENSORS = "tensors.safetensors"
 TENSOR_NAMES = ("lr_down", "lr_up", "bias_delta", "perm")
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
 
 @dataclass
 class OpInputs:
@@ -91,22 +85,13 @@ class LayerPlan:
 
     def check_tensors(self) -> None:
         """Shapes and dtypes agree with K, N and each other; a plan that does not is an error."""
-        k, n, where = self.in_features, self.out_features, f"plan layer {self.path!r}"
-        if (self.lr_down is None) != (self.lr_up is None):
-            raise ValueError(f"{where} has only one of lr_down and lr_up")
-        if self.lr_down is not None:
-            r = self.lr_down.shape[-1]
-            if tuple(self.lr_down.shape) != (k, r) or tuple(self.lr_up.shape) != (r, n):
-                raise ValueError(f"{where} has lr_down {tuple(self.lr_down.shape)} and lr_up "
-                                 f"{tuple(self.lr_up.shape)}; expected (K={k}, R) and (R, N={n})")
-        if self.bias_delta is not None and tuple(self.bias_delta.shape) != (n,):
-            raise ValueError(f"{where} has bias_delta {tuple(self.bias_delta.shape)}; expected (N={n},)")
-        if self.perm is not None:
-            if self.perm.dtype != torch.int64 or tuple(self.perm.shape) != (k,):
-                raise ValueError(f"{where} has perm {tuple(self.perm.shape)} {self.perm.dtype}; "
-                                 f"expected int64 (K={k},)")
-            if not torch.equal(self.perm.sort().values, torch.arange(k, device=self.perm.device)):
-                raise ValueError(f"{where} has a perm that is not a permutation of range(K={k})")
+        k, where = self.in_features, f"plan layer {self.path!r}"
+        error = compensation_error(k, self.out_features, self.lr_down, self.lr_up, self.perm, self.bias_delta,
+                                   bias_name="bias_delta")
+        if error:
+            raise ValueError(f"{where}: {error}")
+        if self.perm is not None and not torch.equal(self.perm.sort().values, torch.arange(k, device=self.perm.device)):
+            raise ValueError(f"{where} has a perm that is not a permutation of range(K={k})")
 
     def op_inputs(self, weight: Tensor, bias: Tensor | None) -> OpInputs:
         """Fold the plan into the layer's own weight and bias: the op's inputs, on the weight's device."""
@@ -180,8 +165,7 @@ class Plan:
 
     @property
     def nm(self) -> tuple[int, int]:
-        n, m = self.pattern.split(":")
-        return int(n), int(m)
+        return parse_pattern(self.pattern)
 
     def sparse_layers(self) -> list[str]:
         return [p for p, lp in self.layers.items() if lp.sparse]
@@ -234,7 +218,7 @@ class Plan:
                              f"got {data.get('format')!r} version {data.get('version')!r}")
         plan = cls(pattern=data["pattern"], norm_comp=bool(data["norm_comp"]), min_tokens=int(data["min_tokens"]),
                    options=data.get("options", {}), output_error=data.get("output_error"))
-        reference.check_pattern(*plan.nm)
+        parse_pattern(plan.pattern)  # an unknown pattern is an error that lists the valid ones
         stored: dict[str, Tensor] = {}
         if (folder / PLAN_TENSORS).is_file():
             with safe_open(str(folder / PLAN_TENSORS), framework="pt") as f:
@@ -323,3 +307,16 @@ def _fmt(value) -> str:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return f"{value:.4g}"
+
+
+def load_plan(config) -> Plan | None:
+    """The plan named by the backend option ``plan`` (a ``LynxConfig``), checked against the options;
+    None without one."""
+    if config.plan is None:
+        return None
+    plan = Plan.load(config.plan)
+    if (plan.pattern, plan.norm_comp) != (config.pattern, config.norm_comp):
+        raise ValueError(f"plan {config.plan} was calibrated for pattern {plan.pattern!r} with norm_comp="
+                         f"{plan.norm_comp}, but the options say pattern {config.pattern!r} with norm_comp="
+                         f"{config.norm_comp}; compile with the plan's settings or calibrate again")
+    return plan

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 import sympy
@@ -13,9 +12,7 @@ from . import cost_model
 from .config import LynxConfig
 from .log import log
 from .kernels import registry
-from .kernels.reference import SUPPORTED_DTYPES
-
-SUPPORTED_DEVICES = ("cpu", "cuda")
+from .kernels.contract import device_reason, gemm_dtype_reason, reduction_dim_reason
 
 
 class PlanMismatchError(ValueError):
@@ -89,10 +86,6 @@ def estimate(site, config: LynxConfig, kernel: str, *, break_even: bool = True):
     return cost, values, profile
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def resolve_kernel(config: LynxConfig, problem: registry.Problem) -> tuple[str, str]:
     """(kernel, reason): the kernel to use, with "" or, for ``auto``, why faster ones were passed over.
 
@@ -123,22 +116,17 @@ def decide(site, config: LynxConfig, plan=None) -> Decision:
     n, m = config.nm
     if site.kind not in config.op_kinds:
         return Decision(False, f"op kind {site.kind!r} not in op_kinds {list(config.op_kinds)}")
-    if config.include and not any(re.search(p, site.module_path) for p in config.include):
-        return Decision(False, "module path not matched by include")
-    for pattern in config.exclude:
-        if re.search(pattern, site.module_path):
-            return Decision(False, f"module path matches exclude {pattern!r}")
+    filtered_out = config.layer_filter.reason(site.module_path)
+    if filtered_out:
+        return Decision(False, filtered_out)
     if tuple(site.scalars) != (1, 1):
         return Decision(False, f"{site.op} with beta/alpha {tuple(site.scalars)} is not supported")
-    if site.dtype not in SUPPORTED_DTYPES:
-        valid = ", ".join(_dtype_name(d) for d in SUPPORTED_DTYPES)
-        return Decision(False, f"dtype {_dtype_name(site.dtype)} unsupported (supported: {valid})")
-    if site.device.type not in SUPPORTED_DEVICES:
-        return Decision(False, f"device {site.device.type!r} unsupported (supported: {', '.join(SUPPORTED_DEVICES)})")
-    if not _is_static(site.k):
-        return Decision(False, f"reduction dim K={site.k} is dynamic")
-    if site.k % m != 0:
-        return Decision(False, f"K={site.k} is not divisible by M={m}")
+    unsupported = gemm_dtype_reason(site.dtype, site.other_dtype or site.dtype, site.bias_dtype) or device_reason(site.device)
+    if unsupported:
+        return Decision(False, unsupported)
+    k_reason = reduction_dim_reason(site.k, m)
+    if k_reason:
+        return Decision(False, k_reason)
     if config.min_tokens != "auto" and _is_static(site.m) and site.m < config.min_tokens:
         return Decision(False, f"M={site.m} tokens < min_tokens={config.min_tokens}")
     problem = registry.Problem(site.device.type, site.dtype, site.m, site.k, site.n, site.batch, (n, m))

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tabulate import tabulate
+
+from .kernels.contract import dtype_name
 
 
 def _compensation(decision, config) -> str:
@@ -74,7 +77,7 @@ class GemmRecord:
         return cls(
             name=site.name, node=site.node.name, op=site.op, kind=site.kind,
             shape=[_plain(site.m), _plain(site.k), _plain(site.n)], batch=_plain(site.batch),
-            dtype=str(site.dtype).removeprefix("torch."), rewritten=decision.rewrite,
+            dtype=dtype_name(site.dtype), rewritten=decision.rewrite,
             pattern=config.pattern if decision.rewrite else "dense", kernel=decision.kernel,
             norm_comp=config.norm_comp and decision.rewrite, reason=decision.reason,
             kernel_reason=decision.kernel_reason, runtime_guard=decision.runtime_guard,
@@ -140,6 +143,12 @@ class GraphReport:
 
 
 _REPORTS: list[GraphReport] = []
+_graph_counter = itertools.count()
+
+
+def next_graph_index() -> int:
+    """The number of the next graph the passes see: one numbering for compile, explain and export."""
+    return next(_graph_counter)
 
 
 def record(report: GraphReport) -> None:
@@ -152,7 +161,10 @@ def reports() -> list[GraphReport]:
 
 
 def clear_reports() -> None:
+    """Forget every report, and number the next graph 0 again."""
+    global _graph_counter
     _REPORTS.clear()
+    _graph_counter = itertools.count()
 
 
 def next_graph_dir(dump_dir: str | os.PathLike) -> Path:

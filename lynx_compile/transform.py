@@ -6,14 +6,13 @@ once ``import lynx_compile`` has registered the ops.
 
 from __future__ import annotations
 
-import torch
 from torch import fx
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
-from .backend import finish_report, next_graph_index
+from .backend import finish_report
 from .config import LynxConfig
-from .passes.lynx_pass import LynxPass
+from .passes.pipeline import build_pipeline, check_purpose
 
 _WEIGHT_KINDS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
 
@@ -25,9 +24,7 @@ def transform(program, options=None):
     the same ``addmm``/``mm`` forms that the compiled path rewrites.
     """
     config = LynxConfig.from_options(options)
-    if config.plan is not None:
-        raise ValueError("transform() does not apply calibration plans yet; compile with "
-                         "torch.compile(..., options={'plan': ...}) instead")
+    check_purpose(config, "export")
     if isinstance(program, ExportedProgram):
         from torch._inductor.decomposition import select_decomp_table
 
@@ -40,8 +37,8 @@ def transform(program, options=None):
     else:
         raise TypeError(f"transform() takes a torch.export.ExportedProgram or an fx.GraphModule, got "
                         f"{type(program).__name__}")
-    lynx_pass = LynxPass(config, next_graph_index(), params)
-    lynx_pass(gm.graph)
+    pipeline = build_pipeline(config, purpose="export", param_inputs=params)
+    pipeline(gm.graph)
     gm.recompile()
-    finish_report(lynx_pass, config)
+    finish_report(pipeline, config)
     return program

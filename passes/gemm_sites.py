@@ -50,8 +50,10 @@ class GemmSite:
     m: object                # tokens (rows of x per GEMM); int or SymInt
     k: object
     n: object
-    dtype: torch.dtype
+    dtype: torch.dtype              # x's
     device: torch.device
+    other_dtype: torch.dtype | None = None
+    bias_dtype: torch.dtype | None = None
     scalars: tuple = (1, 1)  # (beta, alpha) of addmm/baddbmm
 
     @property
@@ -116,7 +118,8 @@ def as_gemm_site(node: fx.Node, param_inputs: frozenset[int] | None = None) -> G
     return GemmSite(
         node=node, op=op, kind="linear" if _is_weight(other, param_inputs) else "matmul", x=x, other=other, bias=bias,
         module_path=module_path(node), batch=batch, m=xv.shape[-2], k=xv.shape[-1], n=ov.shape[-1],
-        dtype=xv.dtype, device=xv.device, scalars=scalars,
+        dtype=xv.dtype, device=xv.device, scalars=scalars, other_dtype=ov.dtype,
+        bias_dtype=_val(bias).dtype if _val(bias) is not None else None,
     )
 
 

@@ -6,6 +6,7 @@ import torch
 from torch import fx
 
 from ..log import log
+from .source_digest import source_digest
 
 
 def readable(graph: fx.Graph) -> str:
@@ -96,3 +97,18 @@ def region_svgs(graph: fx.Graph, nodes: list[fx.Node]) -> dict[str, bytes]:
             log.info("rtlynx: could not draw %s: %s", node.name, error)
             return {}
     return drawings
+
+
+class DrawRewrittenRegions:
+    """Dump-only pass: an SVG of each rewritten GEMM with its operands, drawn while it is still one op.
+
+    Input and output graph are the same; the drawings go to ``context.artifacts``.
+    """
+
+    name = "draw_rewritten_regions"
+
+    def __call__(self, graph: fx.Graph, context) -> None:
+        context.artifacts.update(region_svgs(graph, list(context.rewritten)))
+
+    def uuid(self) -> str:
+        return source_digest(__name__)

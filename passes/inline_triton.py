@@ -25,6 +25,7 @@ from torch._subclasses.functional_tensor import dispatch_functionalize
 from torch.fx.operator_schemas import normalize_function
 
 from ..kernels import triton_ops
+from .source_digest import source_digest
 
 _OP = torch.ops.rtlynx.sparse_matmul.default
 
@@ -80,3 +81,28 @@ def inline_triton_kernels(graph: fx.Graph) -> set[str]:
         _PASS.apply(graph)
     remaining = set(graph.find_nodes(op="call_function", target=_OP))
     return {node.name for node in candidates if node not in remaining}
+
+
+class InlineTritonKernels:
+    """Inline the Triton GEMMs that can be (``enabled``), and record for each rewritten GEMM who launches it.
+
+    Disabled for exported programs, which keep the ops, and by the option ``triton_op=False``; the
+    records then say so.
+    """
+
+    name = "inline_triton"
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __call__(self, graph: fx.Graph, context) -> None:
+        blockers = {node: inline_blocker(node) for node in context.rewritten}
+        inlinable = self.enabled and not all(blockers.values())
+        inlined = inline_triton_kernels(graph) if inlinable else set()
+        for node, record in context.rewritten.items():
+            record.launch = "inductor" if node.name in inlined else "op"
+            if record.kernel == "triton" and node.name not in inlined:
+                record.launch_reason = blockers[node] or "option triton_op=False (or an exported program)"
+
+    def uuid(self) -> str:
+        return f"enabled={self.enabled};{source_digest(__name__)}"

@@ -8,6 +8,8 @@ import torch
 from torch import fx
 from torch._guards import detect_fake_mode
 
+from ..kernels import ops  # noqa: F401  (defines rtlynx::sparse_matmul, the op this inserts)
+
 
 def add_constant(graph: fx.Graph, name: str, tensor: torch.Tensor) -> fx.Node:
     """A tensor owned by the graph's module, read through ``get_attr``: a constant of the compiled

@@ -1,4 +1,4 @@
-"""Build post-grad-style ATen graphs and run ``LynxPass`` on them without a full compile."""
+"""Build post-grad-style ATen graphs and run the rtlynx pass pipeline on them without a full compile."""
 
 from collections import Counter
 
@@ -7,7 +7,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch._inductor.decomposition import select_decomp_table
 
 from lynx_compile import LynxConfig
-from lynx_compile.passes.lynx_pass import LynxPass
+from lynx_compile.passes.pipeline import build_pipeline
 
 SPARSE = torch.ops.rtlynx.sparse_matmul.default
 
@@ -22,11 +22,12 @@ def op_counts(gm) -> Counter:
 
 
 def run_pass(gm, **options):
-    """Apply LynxPass in place; returns the GraphReport."""
-    lynx_pass = LynxPass(LynxConfig.from_options({"min_tokens": 0, **options}))
-    lynx_pass(gm.graph)
+    """Run the pipeline a compile would (``param_inputs`` unknown: every input counts as a weight) in
+    place; returns the GraphReport."""
+    pipeline = build_pipeline(LynxConfig.from_options({"min_tokens": 0, **options}))
+    pipeline(gm.graph)
     gm.recompile()
-    return lynx_pass.report
+    return pipeline.report
 
 
 def sparse_nodes(gm):

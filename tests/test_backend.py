@@ -158,9 +158,11 @@ def test_mode_is_passed_to_inductor_as_inductor_maps_it(monkeypatch, how):
         torch.compile(model, backend="rtlynx", mode="max-autotune")(x)
     else:
         torch.compile(model, backend="rtlynx", options={"mode": "max-autotune"})(x)
-    from lynx_compile.passes.lynx_pass import LynxPass
+    from lynx_compile.passes.pipeline import LynxPipeline
 
-    assert isinstance(seen.pop("post_grad_custom_post_pass"), LynxPass)  # in every cache key
+    pipeline = seen.pop("post_grad_custom_post_pass")  # in every cache key
+    assert isinstance(pipeline, LynxPipeline)
+    assert pipeline.pass_names == ["sparsify_gemms", "inline_triton"]
     assert seen == dict(list_mode_options("max-autotune"))
 
 

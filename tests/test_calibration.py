@@ -138,13 +138,13 @@ def test_other_dense_reasons():
     x = torch.randn(4, 32, 30)
     plan = calibrate(model, [x], {"exclude": r"^2$", "rank": 2}, progress=False)
     assert plan.layers["0"].reason == "K=30 is not divisible by M=4"
-    assert plan.layers["2"].reason == "excluded by the exclude filters"
+    assert plan.layers["2"].reason == "module path matches exclude '^2$'"
     assert plan.layers["unused.never_called"].reason == "not called on the calibration inputs"
     assert plan.sparse_layers() == ["1"]
     plan = calibrate(nn.Sequential(nn.Linear(8, 8).double()), [x[..., :8].double()], progress=False)
-    assert plan.layers["0"].reason == "unsupported dtype float64"
+    assert plan.layers["0"].reason == "dtype float64 unsupported (supported: float32, float16, bfloat16)"
     plan = calibrate(model, [x], {"include": r"^1$"}, progress=False)
-    assert plan.layers["2"].reason == "not matched by the include filters"
+    assert plan.layers["2"].reason == "module path not matched by include"
     bad = x.clone()
     bad[0, 0, 0] = float("inf")
     plan = calibrate(nn.Sequential(nn.Linear(28, 8)), [bad[..., :28]], progress=False)
@@ -391,8 +391,8 @@ def test_mismatched_plan_is_a_clear_error(setup, plan_perm, tmp_path):
     data["layers"]["blocks.0.ada"]["tensors"] = []
     data["layers"]["blocks.0.fc1"]["in_features"] = 32
     (tmp_path / "p" / "plan.json").write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=re.escape("plan layer 'blocks.0.fc1' has lr_down (64, 8) and lr_up (8, 256); "
-                                                   "expected (K=32, R) and (R, N=256)")):
+    with pytest.raises(ValueError, match=re.escape("plan layer 'blocks.0.fc1': lr_down must be (K=32, R) and lr_up "
+                                                   "(R, N=256), got (64, 8) and (8, 256)")):
         Plan.load(tmp_path / "p")
 
 

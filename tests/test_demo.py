@@ -20,7 +20,7 @@ def test_demo_runs_end_to_end_and_writes_a_valid_png(tmp_path, capsys):
     # the 24 attention/MLP linears are rewritten with the calibrated plan; the rest are reported dense
     assert summary["gemms"]["gemms"] == 34 and summary["gemms"]["rewritten"] == 24
     assert "blocks.5.mlp.fc2" in printed and "norm+low-rank(r=16)+bias" in printed
-    assert "plan keeps it dense: not matched by the include filters" in printed
+    assert "plan keeps it dense: module path not matched by include" in printed
     metrics = summary["metrics"]
     assert 0 < metrics["relative_l2"] < 0.5 and metrics["psnr_db"] > 15 and 0 < metrics["ssim"] < 1
     assert summary["plan"]["sparse_layers"] == 24 and summary["plan"]["auto_dense_layers"] == []

@@ -181,7 +181,7 @@ def test_backend_runs_the_captured_graph_inside_run_dense():
 
 
 class _Pass:
-    """A LynxPass after a compile: its report, or None after an FX graph cache hit."""
+    """A pass pipeline after a compile: its report, or None after an FX graph cache hit."""
 
     def __init__(self, launches):
         from lynx_compile.report import GemmRecord, GraphReport

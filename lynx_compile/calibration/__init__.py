@@ -47,7 +47,6 @@ replay), ``errors`` (the relative error), ``statistics``, ``fitting``, ``permuta
 from .api import calibrate
 from .errors import relative_error
 from .fitting import reduced_rank_regression
-from .layers import PATTERNS
 from .measurement import input_channel_norms, measure_forward_errors, measure_layer_errors, model_output_error
 from .options import CalibrationConfig
 from .permutation import balanced_permutation
@@ -55,7 +54,6 @@ from .refinement import refine
 from .runner import calibration_inputs_from_loop
 
 __all__ = [
-    "PATTERNS",
     "CalibrationConfig",
     "balanced_permutation",
     "calibrate",

@@ -8,7 +8,8 @@ from typing import Any, Mapping
 
 from torch import nn
 
-from ..plan import LayerPlan, Plan, dtype_name
+from ..kernels.contract import dtype_name
+from ..plan import LayerPlan, Plan
 from .dense_layers import _choose_dense_layers
 from .fitting import _fit_layer
 from .layers import _static_reason

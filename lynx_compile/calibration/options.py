@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ..config import as_bool, as_regex_tuple, build_options, one_of
-from .layers import PATTERNS
+from ..kernels.contract import PATTERN_NAMES, parse_pattern
 
 
 @dataclass(frozen=True)
@@ -30,8 +30,7 @@ class CalibrationConfig:
 
     @property
     def nm(self) -> tuple[int, int]:
-        n, m = self.pattern.split(":")
-        return int(n), int(m)
+        return parse_pattern(self.pattern)
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | "CalibrationConfig" | None = None) -> "CalibrationConfig":
@@ -51,7 +50,7 @@ def _is_int(value) -> bool:
 
 def _normalise(key: str, value: Any) -> Any:
     if key == "pattern":
-        return one_of(key, value, PATTERNS)
+        return one_of(key, value, PATTERN_NAMES)
     if key in ("norm_comp", "low_rank", "bias_correction", "permutation"):
         return as_bool(key, value)
     if key == "rank":

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from ..kernels import reference
-from ..plan import DTYPES, LayerPlan, Plan
+from ..kernels.contract import DTYPES
+from ..plan import LayerPlan, Plan
 from .hooks import forward_hooks, layer_input
 from .measurement import _measure
 from .runner import _Runner
