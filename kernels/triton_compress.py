@@ -69,6 +69,13 @@ if tl is not None:
             y = x.to(tl.float32)
         return y
 
+    from triton.runtime.interpreter import InterpretedFunction as _InterpretedFunction
+
+    # Whether triton.jit decorated this module's kernels for the CPU interpreter (TRITON_INTERPRET=1
+    # when triton was imported). A constexpr global, so a kernel tests it when it is compiled: the
+    # CUDA build holds only the compiled branch, with none of the interpreter's workarounds.
+    INTERPRETED = tl.constexpr(isinstance(to_f32, _InterpretedFunction))
+
     @triton.jit
     def _compress_kernel(
         x_ptr, perm_ptr, val_ptr, idx_ptr, scale_ptr,

@@ -5,14 +5,19 @@ fp32 accumulation, one rounding to x's dtype at the end.
 
 Route: :func:`triton_compress.compress` writes (values, uint8 indices, fp32 scale); the GEMM
 kernel reads that compressed A, expands each ``[BLOCK_M, BLOCK_K]`` tile back to dense in
-registers and multiplies it with ``tl.dot`` in fp32 (``input_precision="ieee"``: no TF32, so the
-fp32 path matches the reference to fp32 rounding). The epilogue applies the per-row scale, adds
-the low-rank term ``T @ lr_up`` with a second ``tl.dot`` (``T = x @ lr_down`` is the small
-``(M, R)`` fp32 matrix, computed beforehand with torch) and the bias, then rounds once.
+registers and multiplies it with ``tl.dot`` into an fp32 accumulator: bf16 / fp16 tiles as they
+are, on the tensor cores (``mma.sync`` on sm_80, ``wgmma`` on sm_90; the products are exact in
+fp32), fp32 tiles with ``input_precision="ieee"`` (no TF32, so the fp32 path matches the reference
+to fp32 rounding, on the CUDA cores). The epilogue applies the per-row scale, adds the low-rank
+term ``T @ lr_up`` with a second, fp32 ``"ieee"`` ``tl.dot`` (``T = x @ lr_down`` is the small
+``(M, R)`` fp32 matrix, computed beforehand with torch, as in the reference) and the bias, then
+rounds once. ``tests/kernels/test_triton_tensor_cores.py`` compiles the kernel to PTX and counts
+those instructions.
 
-Interpreter notes: bf16 operands are widened by their bits (``to_f32``), and since the Triton
-interpreter casts fp32 to bf16 by truncation, under it the epilogue rounds to nearest even by
-hand, as the GPU conversion and torch do.
+Interpreter notes (``triton_compress.INTERPRETED``, a constexpr, so the compiled kernel holds none
+of this): the interpreter holds bf16 as raw bits, so there the main ``tl.dot`` takes both tiles
+widened to fp32 by their bits (``to_f32``); and since it casts fp32 to bf16 by truncation, under it
+the epilogue rounds to nearest even by hand, as the GPU conversion and torch do.
 
 Triton has no sparse ``tl.dot``, so this kernel does dense-FLOP work on the expanded tile: it is
 the portable and testable path, not the fast one (that needs mma.sp / cuSPARSELt). It reads the
@@ -67,7 +72,7 @@ def unavailable_reason(device_type: str, dtype: torch.dtype, shape: tuple) -> st
 
 
 if tl is not None:
-    from .triton_compress import to_f32
+    from .triton_compress import INTERPRETED, to_f32
 
     @triton.jit
     def _sparse_mm_kernel(
@@ -106,7 +111,10 @@ if tl is not None:
                 a = tl.where(i.to(tl.int32) == pos, v, a)
             b = tl.load(b_ptr + batch * s_bb + k[:, None] * s_bk + rn[None, :] * s_bn,
                         mask=(k[:, None] < K) & n_ok, other=0.0)
-            acc = tl.dot(to_f32(a), to_f32(b), acc, input_precision="ieee")
+            if INTERPRETED:  # the interpreter holds bf16 as raw bits: multiply the widened tiles
+                acc = tl.dot(to_f32(a), to_f32(b), acc, input_precision="ieee")
+            else:  # bf16 / fp16 on the tensor cores into the fp32 acc; fp32 stays exact (no TF32)
+                acc = tl.dot(a, b, acc, input_precision="ieee")
 
         scale = tl.load(scale_ptr + batch * s_sb + rm * s_sm, mask=rm < M, other=1.0)
         acc = acc * scale[:, None]
