@@ -17,6 +17,7 @@ from .cost_model import PROFILES
 _CHOICES = {
     "pattern": config_module.PATTERNS, "op_kinds": config_module.OP_KINDS, "kernel": config_module.KERNELS,
     "inner": config_module.INNER_COMPILERS, "mode": config_module.MODES, "device_profile": tuple(PROFILES),
+    "selection": config_module.SELECTIONS,
 }
 
 

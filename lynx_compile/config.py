@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ PATTERNS = (*PATTERN_NAMES, "dense")
 OP_KINDS = ("linear", "matmul")
 KERNELS = ("auto", "reference", "triton", "cusparselt", "fused")
 INNER_COMPILERS = ("inductor", "eager")
+# How the policy decides that a GEMM the options allow is rewritten (see README, "Kernel selection").
+SELECTIONS = ("auto", "measured", "cost_model", "always")
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DUMP_DIR_ENV = "LYNX_DUMP_DIR"
 
@@ -66,6 +69,9 @@ class LynxConfig:
     min_tokens: int | str = DEFAULT_MIN_TOKENS
     device_profile: str | None = None
     kernel: str = "auto"
+    selection: str = "auto"
+    selection_margin: float = 0.05
+    timing_budget_ms: float = 100.0
     triton_op: bool = True
     inner: str = "inductor"
     mode: str | None = None
@@ -113,6 +119,14 @@ def _normalise(key: str, value: Any) -> Any:
         return one_of(key, value, KERNELS)
     if key == "inner":
         return one_of(key, value, INNER_COMPILERS)
+    if key == "selection":
+        return one_of(key, value, SELECTIONS)
+    if key in ("selection_margin", "timing_budget_ms"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
+                or (key == "timing_budget_ms" and value == 0):
+            least = "> 0" if key == "timing_budget_ms" else ">= 0"
+            raise ValueError(f"option {key!r} must be a finite number {least}, got {value!r}")
+        return float(value)
     if key == "mode":
         return one_of(key, value, MODES)
     if key in ("norm_comp", "strict", "triton_op"):

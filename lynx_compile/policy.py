@@ -8,9 +8,10 @@ from dataclasses import dataclass
 import sympy
 import torch
 
-from . import cost_model
+from . import cost_model, selection
 from .config import LynxConfig
 from .log import log
+from .selection import KernelFailedError  # noqa: F401  (raised by the policy; importable from here)
 from .kernels import registry
 from .kernels.contract import device_reason, gemm_dtype_reason, reduction_dim_reason
 
@@ -30,10 +31,6 @@ def plan_layer_for(site, plan):
     return layer
 
 
-class KernelFailedError(RuntimeError):
-    """With ``strict=True``: a kernel chosen for a GEMM failed its compile-time self-test."""
-
-
 class KernelUnavailableError(ValueError):
     """A forced ``kernel`` option cannot run a GEMM on this device, dtype or shape."""
 
@@ -48,6 +45,9 @@ class Decision:
     min_tokens: int = 0          # the threshold the op applies at run time
     cost: dict | None = None     # cost-model estimates at this M (see cost_model.GemmCost.at)
     plan_layer: object = None    # the calibration plan's LayerPlan for this GEMM, if any
+    selection: str = ""          # how it was chosen: "always", "cost_model", "measured", "forced"
+    measured_dense_ms: float | None = None   # with selection "measured"
+    measured_sparse_ms: float | None = None  # the fastest sparse kernel's time
 
 
 def _is_static(value) -> bool:
@@ -130,20 +130,31 @@ def decide(site, config: LynxConfig, plan=None) -> Decision:
     if config.min_tokens != "auto" and _is_static(site.m) and site.m < config.min_tokens:
         return Decision(False, f"M={site.m} tokens < min_tokens={config.min_tokens}")
     problem = registry.Problem(site.device.type, site.dtype, site.m, site.k, site.n, site.batch, (n, m))
-    try:
-        kernel, reason = resolve_kernel(config, problem)
-    except KernelUnavailableError as error:
-        raise KernelUnavailableError(f"{site.name} ({site.op}, MxKxN={site.m}x{site.k}x{site.n}): {error}") from None
-    if not kernel:
-        return Decision(False, reason)
-    failure = registry.self_test(registry.get_kernel(kernel), site.device, site.dtype, (n, m))
-    if failure:
-        message = f"kernel {kernel!r} failed on {site.device}: {failure}"
-        if config.strict:
-            raise KernelFailedError(f"{site.name}: {message} (strict=True)")
-        log.warning("rtlynx: %s keeps %s dense", message, site.name)
-        return Decision(False, message + "; kept dense")
+    mode = "forced" if config.kernel != "auto" else selection.effective_mode(config, site.device)
+    measured = {}
+    if mode == "measured":
+        choice = selection.measured_choice(site, config, problem, layer)
+        measured = {"measured_dense_ms": choice.dense_ms, "measured_sparse_ms": choice.sparse_ms}
+        if not choice.kernel:
+            return Decision(False, choice.reason, selection=mode, **measured)
+        kernel, reason = choice.kernel, choice.reason
+    else:
+        try:
+            kernel, reason = resolve_kernel(config, problem)
+        except KernelUnavailableError as error:
+            raise KernelUnavailableError(f"{site.name} ({site.op}, MxKxN={site.m}x{site.k}x{site.n}): {error}") \
+                from None
+        if not kernel:
+            return Decision(False, reason)
+        failure = selection.self_test_failure(kernel, site, config, (n, m))
+        if failure:
+            log.warning("rtlynx: %s keeps %s dense", failure, site.name)
+            return Decision(False, failure + "; kept dense")
     _, cost, profile = estimate(site, config, kernel)
+    if mode == "cost_model" and "sparse_us" in cost \
+            and cost["sparse_us"] * (1 + config.selection_margin) > cost["dense_us"]:
+        return Decision(False, f"cost model: {cost['sparse_us']:.3g} us sparse ({kernel}) vs {cost['dense_us']:.3g} us "
+                               f"dense on {profile.name}", cost=cost, selection=mode)
     min_tokens = config.min_tokens
     if min_tokens == "auto":
         break_even = cost["break_even_m"]
@@ -154,4 +165,4 @@ def decide(site, config: LynxConfig, plan=None) -> Decision:
             return Decision(False, f"M={site.m} tokens < break-even M={break_even} for {where}", cost=cost)
         min_tokens = break_even
     return Decision(True, kernel=kernel, kernel_reason=reason, min_tokens=min_tokens, cost=cost, plan_layer=layer,
-                    runtime_guard=not _is_static(site.m) and min_tokens > 0)
+                    runtime_guard=not _is_static(site.m) and min_tokens > 0, selection=mode, **measured)

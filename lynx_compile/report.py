@@ -33,6 +33,10 @@ def _us(value) -> str:
     return "" if value is None else f"{value:.1f}"
 
 
+def _to_us(ms: float | None) -> float | None:
+    return None if ms is None else ms * 1000.0
+
+
 def _plain(value):
     """ints stay ints; symbolic sizes become their expression (``s0``, ``2*s1``)."""
     return value if isinstance(value, int) else str(value)
@@ -70,6 +74,10 @@ class GemmRecord:
     # "inductor" (the Triton kernels inlined into the graph); "" when dense.
     launch: str = ""
     launch_reason: str = ""  # why a Triton GEMM stays an op
+    # How the GEMM was chosen (see lynx_compile/selection.py) and, when measured, the times on this device.
+    selection: str = ""
+    measured_dense_us: float | None = None
+    measured_sparse_us: float | None = None  # the fastest sparse kernel's
 
     @classmethod
     def from_decision(cls, site, decision, config, cost: dict | None = None) -> "GemmRecord":
@@ -85,6 +93,8 @@ class GemmRecord:
             flops=cost.get("flops"), flops_saved=cost.get("flops_saved") if decision.rewrite else 0,
             break_even_m=cost.get("break_even_m"), compensation=_compensation(decision, config),
             plan_errors=dict(decision.plan_layer.errors) if decision.plan_layer is not None else None,
+            selection=decision.selection, measured_dense_us=_to_us(decision.measured_dense_ms),
+            measured_sparse_us=_to_us(decision.measured_sparse_ms),
         )
 
 
@@ -129,6 +139,11 @@ class GraphReport:
         headers = ["layer", "op", "kind", "MxKxN", "dtype", "rewritten", "pattern", "kernel", "compensation",
                    "dense us", "sparse us",
                    "break-even M", "reason"]
+        measured = any(r.measured_dense_us is not None for r in self.records)
+        if measured:  # beside the estimates, what this device measured (selection "measured")
+            for row, r in zip(rows, self.records):
+                row[11:11] = [_us(r.measured_dense_us), _us(r.measured_sparse_us)]
+            headers[11:11] = ["measured dense us", "measured sparse us"]
         totals = self.totals()
         footer = (f"sparse share of GEMM FLOPs: {totals['sparse_flop_fraction']:.1%}; cost-model GEMM speed-up: "
                   f"{totals['est_gemm_speedup']:.2f}x (estimates, not measurements)")

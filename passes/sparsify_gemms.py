@@ -13,6 +13,7 @@ from torch import fx
 
 from ..config import LynxConfig
 from ..log import log
+from .. import selection
 from ..policy import decide, estimate
 from ..report import GemmRecord
 from .gemm_sites import as_gemm_site
@@ -53,4 +54,5 @@ class SparsifyGemms:
         key = {k: v for k, v in self.config.summary().items() if k != "dump_dir"}
         key["param_inputs"] = sorted(self.param_inputs) if self.param_inputs is not None else None
         key["plan"] = self.plan.digest() if self.plan is not None else None
+        key["timings"] = selection.cache_key(self.config)
         return hashlib.sha256((repr(sorted(key.items())) + source_digest(__name__)).encode()).hexdigest()
