@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import fx
 from torch.export import ExportedProgram
-from torch.export.graph_signature import InputKind
+from torch.export.graph_signature import InputKind, TensorArgument
 
 from .backend import finish_report
 from .config import LynxConfig
@@ -40,5 +40,16 @@ def transform(program, options=None):
     pipeline = build_pipeline(config, purpose="export", param_inputs=params)
     pipeline(gm.graph)
     gm.recompile()
+    if isinstance(program, ExportedProgram):
+        _rename_outputs(program)
     finish_report(pipeline, config)
     return program
+
+
+def _rename_outputs(program: ExportedProgram) -> None:
+    """A rewritten GEMM that is a graph output has a new node name: the signature must name it too, or
+    ``torch.export.save`` rejects the program."""
+    outputs = program.graph.output_node().args[0]
+    for spec, node in zip(program.graph_signature.output_specs, outputs):
+        if isinstance(spec.arg, TensorArgument) and isinstance(node, fx.Node) and spec.arg.name != node.name:
+            spec.arg = TensorArgument(name=node.name)
