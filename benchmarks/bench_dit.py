@@ -14,6 +14,7 @@ the options, whether CUDA graphs were used, and the rewrite summary.
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 import datetime
 import json
 import platform
@@ -131,7 +132,10 @@ def main(argv=None) -> int:
         "inductor": {"compile_s": dense_compile_s, "forward_ms": dense_ms},
         "rtlynx": {"compile_s": lynx_compile_s, "forward_ms": lynx_ms, "speedup": dense_ms / lynx_ms,
                    "rel_l2_vs_inductor": rel, "graphs": len(reports),
-                   "gemms": sum(len(r.records) for r in reports), "rewritten": sum(r.num_rewritten for r in reports)},
+                   "gemms": sum(len(r.records) for r in reports), "rewritten": sum(r.num_rewritten for r in reports),
+                   "selection": dict(Counter(x.selection for r in reports for x in r.records)),
+                   "dense_reasons": dict(Counter(x.reason for r in reports for x in r.records if not x.rewritten)
+                                         .most_common(8))},
     }
     result["config"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in result["config"].items()
                         if isinstance(v, (int, float, str, bool, list, tuple)) or v is None}
