@@ -24,6 +24,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -33,6 +34,7 @@ from typing import Callable
 import torch
 
 from .log import log
+from .progress import Progress
 
 CACHE_ENV = "LYNX_TIMING_CACHE"
 CACHE_FORMAT, CACHE_VERSION = "lynx-compile-timings", 1
@@ -203,14 +205,18 @@ def measure(problem: TimingProblem, device: torch.device, dtype: torch.dtype, ke
         routes[name] = (lambda run: lambda i: run(xs[i % len(xs)], other, bias, lr_down, lr_up, n=n, m=m,
                                                    norm_comp=norm_comp))(run)
     times: dict[str, object] = {}
+    what = f"rtlynx: timing {problem.dtype} M={problem.m} K={problem.k} N={problem.n}"
+    bar, started = Progress(what, total=len(routes), unit="routes"), time.perf_counter()
     for route, call in routes.items():
-        started = time.perf_counter()
         try:
             times[route] = float(timer(route, problem, call))
         except Exception as error:  # a kernel that fails to build or run here stays out of the choice
             times[route] = f"error: {type(error).__name__}: {error}".splitlines()[0]
-        log.info("rtlynx: timed %s for M=%d K=%d N=%d %s: %s (%.2f s)", route, problem.m, problem.k, problem.n,
-                 problem.dtype, _ms(times[route]), time.perf_counter() - started)
+        bar.update()
+    bar.close()
+    summary = ", ".join(f"{route} {_ms(value)}" for route, value in times.items())
+    log.info("%s: %s (%.2f s)", what.replace("timing", "timed"), summary, time.perf_counter() - started)
+    sys.stderr.write(f"{what.replace('timing', 'timed')}: {summary} in {time.perf_counter() - started:.2f} s\n")
     return times
 
 

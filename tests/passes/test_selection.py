@@ -62,7 +62,7 @@ def _compile(options, timer=None):
 
 
 @torch.no_grad()
-def test_only_gemms_that_measured_faster_are_rewritten():
+def test_only_gemms_that_measured_faster_are_rewritten(capsys):
     timer = TableTimer({("dense", FC1): 1.0, ("stub", FC1): 0.5, ("dense", FC2): 1.0, ("stub", FC2): 1.2})
     model, x, out, records = _compile({"selection": "measured"}, timer)
     by_name = {r.name: r for r in records}
@@ -72,6 +72,8 @@ def test_only_gemms_that_measured_faster_are_rewritten():
     assert by_name["fc1"].kernel_reason == "measured 0.500 ms sparse (stub) vs 1.000 ms dense"
     assert (by_name["fc1"].measured_dense_us, by_name["fc1"].measured_sparse_us) == (1000.0, 500.0)
     assert sorted(timer.calls) == sorted([("dense", *FC1), ("stub", *FC1), ("dense", *FC2), ("stub", *FC2)])
+    progress = capsys.readouterr().err  # a line per timed problem, with the times
+    assert "rtlynx: timed float32 M=32 K=64 N=128: dense 1.000 ms, stub 0.500 ms in " in progress
     hidden = reference.sparse_matmul(x, model.fc1.weight.t(), model.fc1.bias, n=2, m=4)
     torch.testing.assert_close(out, model.fc2(torch.relu(hidden)), rtol=1e-5, atol=1e-5)  # fc2 ran dense
     table = lynx_compile.reports()[-1].table()
