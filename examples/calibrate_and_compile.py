@@ -40,11 +40,11 @@ def main() -> None:
     calibration = lynx_compile.calibration_inputs_from_loop(lambda m, labels: sample(m, labels, args.steps), cases)
     with torch.no_grad():
         plan = lynx_compile.calibrate(model, calibration, {"rank": 16, "permutation": True, "error_budget": 0.2,
-                                                           "exclude": r"emb\.|norm1\.linear"})
+                                                           "exclude": r"emb\.|norm1\.linear", "min_tokens": 64})
     print(plan.table())
     plan.save(args.plan_dir)
 
-    fast = torch.compile(model, backend="rtlynx", options={"plan": args.plan_dir, "min_tokens": 64})
+    fast = torch.compile(model, backend="rtlynx", options={"plan": args.plan_dir})  # with the plan's settings
     schedule = lynx_compile.DenseSteps(args.steps, first=1)
     latents, labels = torch.randn(2, 4, 16, 16), torch.tensor([5, 6])
     with torch.no_grad():

@@ -23,7 +23,7 @@ _CHOICES = {
 
 def _options_table() -> str:
     rows = [[f.name, repr(f.default), ", ".join(map(repr, _CHOICES.get(f.name, ()))) or "-"]
-            for f in dataclasses.fields(LynxConfig)]
+            for f in dataclasses.fields(LynxConfig) if not f.metadata.get("internal")]
     return tabulate(rows, headers=["option", "default", "choices"])
 
 

@@ -32,11 +32,16 @@ def choices_text(values) -> str:
 def build_options(cls, options: Mapping[str, Any], normalise):
     """``cls(**options)`` after rejecting unknown keys and normalising each value (shared by every
     options dataclass, so every one answers bad input the same way)."""
-    valid_keys = [f.name for f in dataclasses.fields(cls)]
+    valid_keys = option_names(cls)
     unknown = sorted(set(options) - set(valid_keys))
     if unknown:
         raise ValueError(f"unknown option {unknown[0]!r}; valid options: {choices_text(valid_keys)}")
     return cls(**{key: normalise(key, value) for key, value in options.items()})
+
+
+def option_names(cls) -> list[str]:
+    """The fields of an options dataclass that users set (not the internal ones, such as ``given``)."""
+    return [f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
 
 
 def as_bool(key: str, value: Any) -> bool:
@@ -79,6 +84,8 @@ class LynxConfig:
     dump_dir: str | None = None
     plan: str | None = None
     strict: bool = False
+    # Which options the user set, so that a calibration plan's own settings fill only the others.
+    given: frozenset[str] = dataclasses.field(default=frozenset(), repr=False, metadata={"internal": True})
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -97,11 +104,12 @@ class LynxConfig:
         options = dict(options or {})
         if "dump_dir" not in options and os.environ.get(DUMP_DIR_ENV):
             options["dump_dir"] = os.environ[DUMP_DIR_ENV]
-        return build_options(cls, options, _normalise)
+        config = build_options(cls, options, _normalise)
+        return dataclasses.replace(config, given=frozenset(options))
 
     def summary(self) -> dict[str, Any]:
         """The options as plain JSON-able values (for reports)."""
-        out = dataclasses.asdict(self)
+        out = {name: getattr(self, name) for name in option_names(type(self))}
         out["inductor_config"] = dict(self.inductor_config)
         return out
 

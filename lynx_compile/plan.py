@@ -24,6 +24,7 @@ Semantics of one sparse layer (W: (N, K) weight, b: bias or 0, x: (..., K)), whi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -309,14 +310,26 @@ def _fmt(value) -> str:
     return f"{value:.4g}"
 
 
-def load_plan(config) -> Plan | None:
-    """The plan named by the backend option ``plan`` (a ``LynxConfig``), checked against the options;
-    None without one."""
+def plan_settings(plan: Plan) -> dict[str, Any]:
+    """The plan's pattern, filters and ``min_tokens``, as the backend's options spell them."""
+    return {"pattern": plan.pattern, "norm_comp": plan.norm_comp,
+            "include": tuple(plan.options.get("include") or ()), "exclude": tuple(plan.options.get("exclude") or ()),
+            "min_tokens": plan.min_tokens}
+
+
+def load_plan(config):
+    """(the plan named by the backend option ``plan``, the options completed from it); (None, config) without one.
+
+    The backend uses the plan's pattern, filters and ``min_tokens`` unless the options set them, so a
+    plan compiles with the settings it was calibrated with. An option set to another value than the
+    plan's is an error that names both.
+    """
     if config.plan is None:
-        return None
+        return None, config
     plan = Plan.load(config.plan)
-    if (plan.pattern, plan.norm_comp) != (config.pattern, config.norm_comp):
-        raise ValueError(f"plan {config.plan} was calibrated for pattern {plan.pattern!r} with norm_comp="
-                         f"{plan.norm_comp}, but the options say pattern {config.pattern!r} with norm_comp="
-                         f"{config.norm_comp}; compile with the plan's settings or calibrate again")
-    return plan
+    settings = plan_settings(plan)
+    for key, value in settings.items():
+        if key in config.given and getattr(config, key) != value:
+            raise ValueError(f"option {key!r} is {getattr(config, key)!r} but plan {config.plan} was calibrated with "
+                             f"{key}={value!r}; leave the option out to use the plan's value, or calibrate again")
+    return plan, dataclasses.replace(config, **{k: v for k, v in settings.items() if k not in config.given})

@@ -99,7 +99,8 @@ def build_pipeline(config: LynxConfig, *, purpose: str = "compile", param_inputs
     a weight). The calibration plan named by the options is loaded and checked here.
     """
     check_purpose(config, purpose)
-    passes = [SparsifyGemms(config, load_plan(config), param_inputs)]
+    plan, config = load_plan(config)  # the plan's own pattern, filters and min_tokens fill the options not given
+    passes = [SparsifyGemms(config, plan, param_inputs)]
     if config.dump_dir is not None:  # drawn while the rewritten GEMMs are still single ops
         passes.append(DrawRewrittenRegions())
     # Exported programs keep the ops: they must run wherever `import lynx_compile` registered them.
