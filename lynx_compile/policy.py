@@ -151,10 +151,16 @@ def decide(site, config: LynxConfig, plan=None) -> Decision:
             log.warning("rtlynx: %s keeps %s dense", failure, site.name)
             return Decision(False, failure + "; kept dense")
     _, cost, profile = estimate(site, config, kernel)
-    if mode == "cost_model" and "sparse_us" in cost \
-            and cost["sparse_us"] * (1 + config.selection_margin) > cost["dense_us"]:
-        return Decision(False, f"cost model: {cost['sparse_us']:.3g} us sparse ({kernel}) vs {cost['dense_us']:.3g} us "
-                               f"dense on {profile.name}", cost=cost, selection=mode)
+    if mode == "cost_model":
+        stored = selection.stored_times(site, config, layer, kernel)
+        if stored is not None:  # a measurement of this problem on this device outranks the estimate
+            measured = {"measured_dense_ms": stored[0], "measured_sparse_ms": stored[1]}
+            if stored[1] * (1 + config.selection_margin) > stored[0]:
+                return Decision(False, f"stored measurement: {stored[1]:.3f} ms sparse ({kernel}) vs {stored[0]:.3f} "
+                                       f"ms dense", cost=cost, selection=mode, **measured)
+        elif "sparse_us" in cost and cost["sparse_us"] * (1 + config.selection_margin) > cost["dense_us"]:
+            return Decision(False, f"cost model: {cost['sparse_us']:.3g} us sparse ({kernel}) vs {cost['dense_us']:.3g} "
+                                   f"us dense on {profile.name}", cost=cost, selection=mode)
     min_tokens = config.min_tokens
     if min_tokens == "auto":
         break_even = cost["break_even_m"]

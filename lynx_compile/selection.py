@@ -3,7 +3,8 @@
 - ``measured`` (the default on CUDA): time dense and every sparse kernel that can run the GEMM on
   this device (``timing.py``), and rewrite with the fastest only when it beats dense by
   ``selection_margin``; otherwise the GEMM stays dense and the reason gives both times.
-- ``cost_model``: the same rule on the cost model's estimates (``cost_model.py``), no timing.
+- ``cost_model``: the same rule on the cost model's estimates (``cost_model.py``), no timing; where
+  this device has stored times for the GEMM's problem (an earlier ``measured`` compile), on those.
 - ``always`` (the default on the CPU, where the kernels exist for numerics and inspection, not speed):
   every GEMM the options allow is rewritten.
 A forced ``kernel`` is always used: selection applies to ``kernel="auto"`` only.
@@ -111,6 +112,15 @@ def measured_choice(site, config, problem: registry.Problem, layer) -> MeasuredC
                          timing.measure(key, site.device, site.dtype, candidates, timer, n, m, config.norm_comp))
         timing.store_times(key.device, key, times)
     return _choose(times, list(candidates), config.selection_margin, passed_over)
+
+
+def stored_times(site, config, layer, kernel: str) -> tuple[float, float] | None:
+    """(dense ms, ``kernel`` ms) measured earlier on this device for this GEMM problem, if both are stored:
+    ``cost_model`` selection prefers them to its estimates."""
+    key = timing_problem(site, config, layer)
+    times = timing.load_times(key.device).get(key.key(), {})
+    dense, sparse = times.get(timing.DENSE), times.get(kernel)
+    return (dense, sparse) if isinstance(dense, float) and isinstance(sparse, float) else None
 
 
 def _choose(times: dict, candidates: list[str], margin: float, passed_over: list[str]) -> MeasuredChoice:

@@ -31,7 +31,7 @@ def timing_setup(tmp_path, monkeypatch):
     """A timing cache of the test's own, and a sparse kernel that ``auto`` may time on the CPU."""
     monkeypatch.setenv(timing.CACHE_ENV, str(tmp_path / "timings.json"))
     stub = registry.Kernel("stub", reference.sparse_matmul, lambda problem: "", ("cpu",))
-    monkeypatch.setitem(registry._KERNELS, "stub", stub)
+    monkeypatch.setattr(registry, "_KERNELS", {"stub": stub, **registry._KERNELS})  # auto's first choice here
 
 
 class TableTimer:
@@ -129,11 +129,17 @@ def test_a_corrupt_timing_cache_is_ignored_with_a_warning_and_rewritten(tmp_path
 
 
 @torch.no_grad()
-def test_cost_model_selection_keeps_what_the_model_says_is_slower():
-    *_, records = _compile({"selection": "cost_model", "kernel": "auto", "device_profile": "H100"})
-    # on the CPU "auto" takes the reference kernel, which does dense FLOPs on decompressed x: never faster
+def test_cost_model_selection_keeps_what_the_model_says_is_slower_and_prefers_stored_times():
+    *_, records = _compile({"selection": "cost_model", "device_profile": "H100"})
+    # the stub is no sparse tensor-core kernel for the cost model: dense FLOPs on decompressed x, never faster
     assert not records[0].rewritten and records[0].selection == "cost_model"
-    assert re.fullmatch(r"cost model: [\d.e+-]+ us sparse \(reference\) vs [\d.e+-]+ us dense on H100", records[0].reason)
+    assert re.fullmatch(r"cost model: [\d.e+-]+ us sparse \(stub\) vs [\d.e+-]+ us dense on H100", records[0].reason)
+
+    timer = TableTimer({("dense", FC1): 1.0, ("stub", FC1): 0.5, ("dense", FC2): 1.0, ("stub", FC2): 1.2})
+    _compile({"selection": "measured"}, timer)
+    *_, records = _compile({"selection": "cost_model", "device_profile": "H100"})  # no timer: stored times only
+    assert [(r.rewritten, r.reason, r.measured_sparse_us) for r in records] == [
+        (True, "", 500.0), (False, "stored measurement: 1.200 ms sparse (stub) vs 1.000 ms dense", 1200.0)]
 
 
 @torch.no_grad()
