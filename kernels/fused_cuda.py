@@ -116,7 +116,7 @@ def configs_for(capability: tuple[int, int]) -> tuple[TileConfig, ...]:
     return tuple(c for c in TILE_CONFIGS if c.mainloop == "mma" or tuple(capability) == (9, 0))
 
 
-HEADERS = ("nm_compress.cuh", "wgmma_sp.cuh")
+HEADERS = ("nm_compress.cuh", "tile_layout.cuh", "wgmma_sp.cuh")
 
 
 def cuda_file(name: str) -> str:
@@ -218,14 +218,13 @@ def unavailable_reason(problem) -> str:
 
 @lru_cache(maxsize=None)
 def _loaded(device_index: int, dtype: torch.dtype, variant: str, config: TileConfig) -> cuda_rtc.LoadedKernel:
+    """The kernel built for device ``device_index`` and loaded into its primary context."""
     info = device_info(device_index)
     if config.smem_bytes > info.max_smem_per_block:
         raise ValueError(f"tile configuration {config.name} needs {config.smem_bytes} bytes of shared memory per "
                          f"block; {info.name} has {info.max_smem_per_block}")
-    device = torch.device("cuda", device_index)
-    with torch.cuda.device(device):
-        return cuda_rtc.LoadedKernel(build(cuda_rtc.device_arch(device), dtype, config, variant=variant),
-                                     config.smem_bytes)
+    built = build(cuda_rtc.device_arch(torch.device("cuda", device_index)), dtype, config, variant=variant)
+    return cuda_rtc.LoadedKernel(built, config.smem_bytes, device_index)
 
 
 def _pad_rank(t: torch.Tensor, multiple: int = 16) -> torch.Tensor:
@@ -236,16 +235,22 @@ def launch(x2: torch.Tensor, weight: torch.Tensor, bias, low_rank_in, low_rank_u
            norm_comp: bool, variant: str = "kernel", config: TileConfig | None = None) -> torch.Tensor:
     """x2 (M, K), weight (N, K), bias (N,) or None, T (M, R16) and U (N, R16) or None, out (M, N).
 
-    ``config`` overrides the per-shape choice (the tuning and benchmark scripts time each one)."""
+    Runs on x2's device, in its primary context, on PyTorch's current stream of that device (not the
+    current device's). ``config`` overrides the per-shape choice (the tuning and benchmark scripts time
+    each one)."""
     m, k = x2.shape
     n = weight.shape[0]
+    if m == 0 or n == 0:  # an empty Y: nothing to launch (a grid of 0 CTAs is CUDA_ERROR_INVALID_VALUE)
+        return out
+    device = x2.device
     if config is None:
-        config, _ = choose_config(x2.device.index, x2.dtype, m, n, k)
-    kernel = _loaded(x2.device.index, x2.dtype, variant, config)
+        config, _ = choose_config(device.index, x2.dtype, m, n, k)
+    kernel = _loaded(device.index, x2.dtype, variant, config)
     rank = 0 if low_rank_in is None else low_rank_in.shape[1]
     kernel.launch((config.ctas(m, n), 1, 1), (THREADS, 1, 1),
                   [x2, weight, bias, low_rank_in, low_rank_up, out, ctypes.c_int(m), ctypes.c_int(n),
-                   ctypes.c_int(k), ctypes.c_int(rank), ctypes.c_int(int(norm_comp))])
+                   ctypes.c_int(k), ctypes.c_int(rank), ctypes.c_int(int(norm_comp))],
+                  stream=torch.cuda.current_stream(device).cuda_stream)
     return out
 
 
@@ -266,7 +271,7 @@ def sparse_matmul(x, other, bias=None, lr_down=None, lr_up=None, *, n: int, m: i
     if lr_down is not None:
         low_rank_in = _pad_rank(x2 @ lr_down).contiguous()
         low_rank_up = _pad_rank(lr_up.t()).contiguous()
-    out = torch.empty(x2.shape[0], n_out, dtype=x.dtype, device=x.device)
+    out = x2.new_empty((x2.shape[0], n_out))  # M = 0: (..., 0, N), and launch() launches nothing
     launch(x2, weight, None if bias is None else bias.contiguous(), low_rank_in, low_rank_up, out, norm_comp,
            config=config)
     return out.reshape(*x.shape[:-1], n_out)

@@ -11,7 +11,8 @@
 // The CTA (1) copies X and W tiles to shared memory with cp.async (STAGES deep, X one tile ahead of
 // W); (2) compresses each X tile once, all threads together, into the exact register image that the
 // warps' mma.sp A fragments and metadata need, so each warp loads them with one 16-byte and one
-// 4-byte shared load per 16-row slab; (3) runs mma.sp against W fragments read by ldmatrix. Steps
+// 4-byte shared load per 16-row slab (the layout, swizzled against bank conflicts, and every index
+// into it are in tile_layout.cuh); (3) runs mma.sp against W fragments read by ldmatrix. Steps
 // (2) and (3) are software-pipelined: while the tensor cores multiply compressed tile kt, the same
 // warps compress tile kt + 1 into a second buffer, with one barrier per K tile. The compressed
 // operand never reaches global memory. Row statistics for the norm scale are accumulated by the
@@ -67,36 +68,31 @@
 #if CLUSTER_SHARE && !MAINLOOP_WGMMA
 #error "CLUSTER_SHARE needs MAINLOOP_WGMMA"
 #endif
-#define CLUSTER (CLUSTER_SHARE ? 2 : 1)
-#define X_ROWS (BM / CLUSTER)  // rows of the X tile this CTA copies and compresses
 
-#define BK 64
-#define THREADS 256
+#include "nm_compress.cuh"
+// CLUSTER, X_ROWS, BK, THREADS, KSTEPS, SLABS, PITCH, W_PITCH, SharedTiles and every shared-memory
+// index of the compressed tile.
+#include "tile_layout.cuh"
+
 #if MAINLOOP_WGMMA
 // sm_90a: two warpgroups, each multiplies 64 rows by the whole N tile with wgmma.mma_async.sp
 // (wgmma_sp.cuh). Per warp that is 16 rows x BN columns, which the epilogue sees as a 8 x 1 warp grid.
 #define WARPS_M 8
 #define WARPS_N 1
-#define W_PITCH BK  // 128-byte rows, 128-byte swizzled: the layout the wgmma descriptor reads
 #else
 #define WARPS_M 2
 #define WARPS_N 4
-#define W_PITCH PITCH
 #endif
 #define WM (BM / WARPS_M)
 #define WN (BN / WARPS_N)
 #define MI (WM / 16)
 #define NI (WN / 8)
-#define KSTEPS (BK / 32)
 #define SMEM_ALIGN (MAINLOOP_WGMMA ? 1024 : 16)  // bytes; fused_cuda.TileConfig.smem_bytes adds SMEM_ALIGN - 16
-#define PITCH (BK + 8)  // elements per shared row: 144 bytes keeps ldmatrix and the compressor conflict-free
 
 static_assert(X_ROWS * KSTEPS * CLUSTER == THREADS, "one compressing thread per (row, k32 step) of the X tile");
 static_assert(WM % 16 == 0 && WN % 8 == 0, "warp tile must be whole mma tiles");
 static_assert((BM * (BK / 8)) % THREADS == 0 && (BN * (BK / 8)) % THREADS == 0, "whole 16-byte copies per thread");
 static_assert(!MAINLOOP_WGMMA || (BM == 128 && BK * 2 == 128), "wgmma build: two 64-row warpgroups, 128-byte K rows");
-
-#include "nm_compress.cuh"
 
 #if IS_BF16
 #define MMA_TYPE "bf16"
@@ -182,15 +178,6 @@ __device__ __forceinline__ void ldmatrix_x4(u32* r, const void* p) {
                : "r"(smem_addr(p)));
 }
 
-// W first: with MAINLOOP_WGMMA every W stage (BN x 128 bytes) is then 1024-byte aligned, as the
-// 128-byte swizzle needs, once the base is (see SMEM_ALIGN).
-struct SharedTiles {
-  u16 w[STAGES][BN][W_PITCH];
-  u16 x[STAGES][X_ROWS][PITCH];
-  u32 a[2][BM / 16][KSTEPS][32][4];     // compressed A, double-buffered, in mma.sp fragment order
-  u16 meta[2][BM / 16][KSTEPS][32][2];  // metadata words, lanes with t = 0, 1 used
-  float scale[BM];
-};
 #ifdef SMEM_BYTES
 static_assert(sizeof(SharedTiles) + SMEM_ALIGN - 16 == SMEM_BYTES,
               "fused_cuda.TileConfig.smem_bytes must match SharedTiles and its alignment");
@@ -295,9 +282,9 @@ fused_nm_gemm(const u16* __restrict__ X, const u16* __restrict__ W, const u16* _
   // become 8 packed words and 2 metadata half-words of the compressed tile. crow is the row among
   // this CTA's X_ROWS, trow the row of the BM-row tile. With a cluster, only threads 0..127 (warps
   // 0-3, one on each scheduler) compress; the test is warp-uniform.
-  const int crow = tid / KSTEPS, cstep = tid % KSTEPS;
-  const bool compressor = !CLUSTER_SHARE || crow < X_ROWS;
-  const int trow = rank * X_ROWS + crow, cslab = trow / 16, cr16 = trow % 16;
+  const CompressRole role = compress_role(tid, rank);
+  const int crow = role.crow, cstep = role.cstep, trow = role.trow, cslab = role.cslab, cr16 = role.cr16;
+  const bool compressor = role.active;
 #if CLUSTER_SHARE
   // The peer's copy of a shared variable is at its own address plus this offset in the cluster's
   // shared window (mapa maps addresses linearly).
@@ -313,7 +300,7 @@ fused_nm_gemm(const u16* __restrict__ X, const u16* __restrict__ W, const u16* _
   RowStats stats = {0.0f, 0.0f, 0, 0};
   u32 packed[8], meta[2], key_max;
   float sum_total, sum_kept;
-  auto chunk_of = [&](int kt) { return reinterpret_cast<const u32*>(&sh.x[kt % STAGES][crow][cstep * 32]); };
+  auto chunk_of = [&](int kt) { return reinterpret_cast<const u32*>(&sh.x[kt % STAGES][0][0] + x_chunk_element(crow, cstep)); };
   auto compress_fast = [&](int kt) {
     const uint4* src = reinterpret_cast<const uint4*>(chunk_of(kt));
     uint4 v[4];
@@ -334,11 +321,17 @@ fused_nm_gemm(const u16* __restrict__ X, const u16* __restrict__ W, const u16* _
     compress_chunk_finish(chunk_of(kt), packed, meta, key_max, sum_total, sum_kept, stats, norm_comp != 0);
 #endif
     const int buf = kt & 1;
+    // Groups 4-7 and their metadata first, then groups 0-3. In the SASS (NVRTC 12.9) these stores stay
+    // in program order and the wgmma build's wait comes right after the last one; in the plain order
+    // the ends of the statistics sums then fell after the wait, and ending with the half that is ready
+    // first keeps them before it (test_fused_cuda.py checks that the wait ends the loop).
 #pragma unroll
-    for (int j = 0; j < 8; ++j)
-      store_shared(&sh.a[buf][cslab][cstep][(cr16 % 8) * 4 + (j % 4)][(cr16 / 8) + 2 * (j / 4)], packed[j]);
+    for (int half = 1; half >= 0; --half) {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) store_shared(&sh.meta[buf][cslab][cstep][(cr16 % 8) * 4 + h][cr16 / 8], (u16)meta[h]);
+      for (int j = 4 * half; j < 4 * half + 4; ++j)
+        store_shared(&sh.a[a_step_word(buf, cslab, cstep)] + a_store_offset(cr16, j), packed[j]);
+      store_shared(&sh.meta[meta_store_half(buf, cslab, cstep, cr16, half)], (u16)meta[half]);
+    }
   };
 
   // Prologue: groups 0 .. STAGES-1 in flight, then X tile 0 compressed.
@@ -374,9 +367,9 @@ fused_nm_gemm(const u16* __restrict__ X, const u16* __restrict__ W, const u16* _
     u32 a[KSTEPS][4], e[KSTEPS];
 #pragma unroll
     for (int ks = 0; ks < KSTEPS; ++ks) {
-      const uint4 frag = *reinterpret_cast<const uint4*>(&sh.a[buf][warp][ks][lane][0]);
+      const uint4 frag = *reinterpret_cast<const uint4*>(&sh.a[a_load_word(buf, warp, ks, lane)]);
       a[ks][0] = frag.x; a[ks][1] = frag.y; a[ks][2] = frag.z; a[ks][3] = frag.w;
-      e[ks] = *reinterpret_cast<const u32*>(&sh.meta[buf][warp][ks][lane][0]);
+      e[ks] = reinterpret_cast<const u32*>(sh.meta)[meta_load_word(buf, warp, ks, lane)];
     }
     wgmma_fence();
 #pragma unroll
@@ -395,9 +388,9 @@ fused_nm_gemm(const u16* __restrict__ X, const u16* __restrict__ W, const u16* _
 #pragma unroll
       for (int i = 0; i < MI; ++i) {
         const int slab = warp_m * MI + i;
-        const uint4 frag = *reinterpret_cast<const uint4*>(&sh.a[buf][slab][ks][lane][0]);
+        const uint4 frag = *reinterpret_cast<const uint4*>(&sh.a[a_load_word(buf, slab, ks, lane)]);
         a[i][0] = frag.x; a[i][1] = frag.y; a[i][2] = frag.z; a[i][3] = frag.w;
-        e[i] = *reinterpret_cast<const u32*>(&sh.meta[buf][slab][ks][lane][0]);
+        e[i] = reinterpret_cast<const u32*>(sh.meta)[meta_load_word(buf, slab, ks, lane)];
       }
 #pragma unroll
       for (int j = 0; j < NI; ++j) {
