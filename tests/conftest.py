@@ -1,23 +1,51 @@
+"""The one conftest: the markers (``gpu``, ``triton``, ``slow``), the skips they bring, and the fixtures
+every test shares. The constants that several test modules use live in tests/shared.py."""
+
 import glob
 import os
-import sys
-from pathlib import Path
 
 # Triton reads TRITON_INTERPRET once, when first imported (torch._dynamo imports it), so the CPU
 # interpreter is chosen here, before torch, and only where no NVIDIA GPU could use real kernels.
 if not glob.glob("/dev/nvidia[0-9]*"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest
-import torch
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
-import lynx_compile
+import lynx_compile  # noqa: E402
+from shared import DEVICE, HAS_CUDA, triton_reason  # noqa: E402
+
+MARKERS = [
+    "slow: end-to-end model tests (deselect with -m 'not slow')",
+    "gpu(why): needs a CUDA device; skipped, saying why, where torch.cuda.is_available() is False",
+    "triton(device=shared.DEVICE): needs the Triton kernels to run on that device (compiled on a GPU, the "
+    "interpreter on the CPU); skipped with the reason they cannot",
+]
+
+
+def pytest_configure(config):
+    for line in MARKERS:
+        config.addinivalue_line("markers", line)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        gpu = item.get_closest_marker("gpu")
+        if gpu is not None and not HAS_CUDA:
+            why = f": {gpu.args[0]}" if gpu.args else ""
+            item.add_marker(pytest.mark.skip(reason=f"needs a CUDA GPU{why} (torch.cuda.is_available() is False)"))
+        triton = item.get_closest_marker("triton")
+        if triton is not None:
+            reason = triton_reason(triton.kwargs.get("device", DEVICE))
+            if reason:
+                item.add_marker(pytest.mark.skip(reason=f"Triton kernels cannot run here: {reason}"))
 
 
 @pytest.fixture(autouse=True)
 def fresh_compile_state(tmp_path, monkeypatch):
     """Each test compiles from scratch: Inductor's caches skip custom passes on a hit."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor_cache"))
+    monkeypatch.setenv("LYNX_TIMING_CACHE", str(tmp_path / "timings.json"))  # never the user's measured times
     monkeypatch.delenv("LYNX_DUMP_DIR", raising=False)
     torch._dynamo.reset()
     lynx_compile.clear_reports()
@@ -36,8 +64,3 @@ def share_compiled_kernels_within_a_test():
     the test's time."""
     with torch._inductor.config.patch(force_disable_caches=False):
         yield
-
-
-def pytest_configure(config):
-    """benchmarks/ scripts are importable by the tests that smoke-test them."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))

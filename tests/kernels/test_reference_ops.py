@@ -15,35 +15,19 @@ import re
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import lynx_compile.kernels  # noqa: F401  (importing registers torch.ops.rtlynx.*)
 from lynx_compile.kernels import kernel_names, reference
+from shared import DTYPES, NAN_BITS, PATTERNS, SUPPORTED_DTYPES, VALID_PATTERNS, bits, given, param_id, settings, st
 
-PATTERNS = [(1, 2), (2, 4), (4, 8)]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-# A NaN with a payload and the sign bit set: a kept NaN must come through with its exact bits.
-NAN_BITS = {torch.float32: -0x3FFFFF, torch.float16: -0x1FF, torch.bfloat16: -0x3F}
 # Relative tolerance of GEMM outputs against float64 (atol is this times the largest |output|,
 # because outputs near zero after cancellation have no meaningful relative error).
 GEMM_RTOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 SHAPES = [(32,), (6, 16), (2, 3, 16)]  # 1-D, 2-D, 3-D; K divisible by every M in PATTERNS
-VALID_PATTERNS = "valid patterns: 2:4, 1:2, 4:8"
-SUPPORTED_DTYPES = "supported dtypes: float32, float16, bfloat16"
 
 rtlynx = torch.ops.rtlynx
-
-
-def _id(value):
-    if isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, int) for v in value):
-        return f"{value[0]}:{value[1]}"
-    if isinstance(value, torch.dtype):
-        return str(value).removeprefix("torch.")
-    return None
 
 
 @pytest.fixture(autouse=True)
@@ -128,10 +112,6 @@ def expected_matmul(x, other, bias=None, lr_down=None, lr_up=None, *, n, m, norm
 # ----------------------------------------------------------------------------------------------
 
 
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(INT_VIEW[t.dtype]) if t.dtype in INT_VIEW else t
-
-
 def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
     assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
@@ -195,8 +175,8 @@ def nonfinite_or_zero_rows(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", ["randn", "ties", "special"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("pattern", PATTERNS, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=param_id)
+@pytest.mark.parametrize("pattern", PATTERNS, ids=param_id)
 def test_nm_select_matches_naive_loops(pattern, dtype, shape, kind):
     n, m = pattern
     x = make_data(shape, dtype, kind)
@@ -211,8 +191,8 @@ def test_nm_select_matches_naive_loops(pattern, dtype, shape, kind):
     assert torch.equal(c_indices, exp_indices)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("pattern", PATTERNS, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=param_id)
+@pytest.mark.parametrize("pattern", PATTERNS, ids=param_id)
 def test_indices_are_uint8_in_range_and_strictly_increasing_per_group(pattern, dtype):
     n, m = pattern
     x = make_data((5, 7, 32), dtype, "special")
@@ -240,8 +220,8 @@ def test_selection_rules_on_hand_written_groups():
     assert indices.tolist() == [[1, 2], [0, 1], [0, 1], [1, 3], [0, 2], [0, 2]]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("pattern", PATTERNS, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=param_id)
+@pytest.mark.parametrize("pattern", PATTERNS, ids=param_id)
 def test_kept_nan_keeps_its_bits(pattern, dtype):
     # Keeping a value is a copy: a kept NaN must come out with x's exact bits (payload and sign),
     # as the Triton kernel produces them; the ground truth must not rewrite what it keeps.
@@ -263,8 +243,8 @@ def test_kept_nan_keeps_its_bits(pattern, dtype):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("pattern", PATTERNS, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=param_id)
+@pytest.mark.parametrize("pattern", PATTERNS, ids=param_id)
 def test_norm_scale_matches_float64(pattern, dtype, shape):
     n, m = pattern
     x = make_data(shape, dtype, "randn")
@@ -275,8 +255,8 @@ def test_norm_scale_matches_float64(pattern, dtype, shape):
     assert bool((scale >= 1).all())  # ||x|| >= ||S(x)|| always
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("pattern", PATTERNS, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=param_id)
+@pytest.mark.parametrize("pattern", PATTERNS, ids=param_id)
 def test_norm_scale_is_exactly_one_for_zero_and_nonfinite_rows(pattern, dtype):
     n, m = pattern
     x = make_data((8, 16), dtype, "special")
@@ -289,7 +269,7 @@ def test_norm_scale_is_exactly_one_for_zero_and_nonfinite_rows(pattern, dtype):
     torch.testing.assert_close(scale.double(), naive_scale(x, cols), rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("pattern", PATTERNS, ids=_id)
+@pytest.mark.parametrize("pattern", PATTERNS, ids=param_id)
 def test_norm_scale_fp16_rows_whose_sum_of_squares_overflows(pattern):
     n, m = pattern
     magnitude = 40000 + 25000 * torch.rand(4, 32)  # ~60000, just below the fp16 max 65504
@@ -301,8 +281,8 @@ def test_norm_scale_fp16_rows_whose_sum_of_squares_overflows(pattern):
     torch.testing.assert_close(scale.double(), naive_scale(x, cols), rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)
-@pytest.mark.parametrize("pattern", PATTERNS, ids=_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=param_id)
+@pytest.mark.parametrize("pattern", PATTERNS, ids=param_id)
 def test_norm_scale_huge_values_whose_squares_overflow_fp32(pattern, dtype):
     n, m = pattern
     x = (torch.randn(4, 32) * 1e30).to(dtype)
@@ -313,8 +293,8 @@ def test_norm_scale_huge_values_whose_squares_overflow_fp32(pattern, dtype):
     torch.testing.assert_close(scale.double(), naive_scale(x, cols), rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)
-@pytest.mark.parametrize("pattern", PATTERNS, ids=_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=param_id)
+@pytest.mark.parametrize("pattern", PATTERNS, ids=param_id)
 def test_norm_scale_subnormal_values(pattern, dtype):
     n, m = pattern
     x = (torch.randn(4, 32) * 1e-40).to(dtype)
@@ -326,7 +306,7 @@ def test_norm_scale_subnormal_values(pattern, dtype):
     torch.testing.assert_close(scale.double(), naive_scale(x, cols), rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=param_id)
 def test_norm_comp_false_gives_ones_and_the_same_selection(dtype):
     x = make_data((3, 5, 16), dtype, "special")
     v1, i1, s1 = reference.compress(x, 2, 4, norm_comp=True)
@@ -338,7 +318,7 @@ def test_norm_comp_false_gives_ones_and_the_same_selection(dtype):
     assert not torch.equal(s1, s0)  # the compensated scale is not trivially 1 for this data
 
 
-@pytest.mark.parametrize("pattern", PATTERNS, ids=_id)
+@pytest.mark.parametrize("pattern", PATTERNS, ids=param_id)
 def test_scaled_selection_restores_the_row_norm_fp32(pattern):
     n, m = pattern
     x = torch.randn(2, 7, 64)
@@ -354,8 +334,8 @@ def test_scaled_selection_restores_the_row_norm_fp32(pattern):
 
 @pytest.mark.parametrize("kind", ["randn", "special"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("pattern", PATTERNS, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=param_id)
+@pytest.mark.parametrize("pattern", PATTERNS, ids=param_id)
 def test_decompress_puts_kept_values_back_and_zeros_elsewhere(pattern, dtype, shape, kind):
     n, m = pattern
     x = make_data(shape, dtype, kind)
@@ -371,8 +351,8 @@ def test_decompress_puts_kept_values_back_and_zeros_elsewhere(pattern, dtype, sh
     assert_bits_equal(dense[~keep], torch.zeros_like(x[~keep]))  # dropped: +0.0
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("pattern", PATTERNS, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=param_id)
+@pytest.mark.parametrize("pattern", PATTERNS, ids=param_id)
 def test_decompress_has_exactly_n_nonzeros_per_group(pattern, dtype):
     n, m = pattern
     x = ((0.5 + torch.rand(4, 6, 64)) * torch.where(torch.rand(4, 6, 64) < 0.5, -1.0, 1.0)).to(dtype)
@@ -414,8 +394,8 @@ GEMM_CASES = ["linear2d", "linear2d_lowrank", "linear3d_nobias", "linear3d_lowra
 
 
 @pytest.mark.parametrize("case", GEMM_CASES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("pattern", PATTERNS, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=param_id)
+@pytest.mark.parametrize("pattern", PATTERNS, ids=param_id)
 def test_sparse_matmul_matches_float64(pattern, dtype, case):
     n, m = pattern
     x, other, bias, lr_down, lr_up = gemm_case(case, dtype)
@@ -425,7 +405,7 @@ def test_sparse_matmul_matches_float64(pattern, dtype, case):
 
 
 @pytest.mark.parametrize("case", ["linear2d", "linear3d_nobias", "bmm"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=param_id)
 def test_sparse_matmul_without_norm_comp_matches_float64(dtype, case):
     x, other, bias, _, _ = gemm_case(case, dtype)
     out = reference.sparse_matmul(x, other, bias, n=2, m=4, norm_comp=False)
@@ -433,8 +413,8 @@ def test_sparse_matmul_without_norm_comp_matches_float64(dtype, case):
 
 
 @pytest.mark.parametrize("case", ["linear2d", "linear3d_lowrank_bias2d", "bmm", "bmm_bias2d_lowrank"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("pattern", PATTERNS, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=param_id)
+@pytest.mark.parametrize("pattern", PATTERNS, ids=param_id)
 def test_sparse_mm_matches_float64(pattern, dtype, case):
     n, m = pattern
     x, other, bias, _, _ = gemm_case(case, dtype)  # sparse_mm has no low-rank term
@@ -444,7 +424,7 @@ def test_sparse_mm_matches_float64(pattern, dtype, case):
 
 
 @pytest.mark.parametrize("case", ["linear2d_lowrank", "linear3d_lowrank_bias2d", "bmm"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=param_id)
 def test_min_tokens_above_m_is_the_exact_dense_matmul(dtype, case):
     x, other, bias, lr_down, lr_up = gemm_case(case, dtype)
     rows = x.shape[-2]
@@ -469,8 +449,8 @@ def test_min_tokens_above_m_is_the_exact_dense_matmul(dtype, case):
 
 
 @pytest.mark.parametrize("shape", SHAPES + [(3, 1, 4, 8)], ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("pattern", PATTERNS, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=param_id)
+@pytest.mark.parametrize("pattern", PATTERNS, ids=param_id)
 def test_op_compress_matches_reference(pattern, dtype, shape):
     n, m = pattern
     x = make_data(shape, dtype, "special" if shape[-1] >= 16 else "randn")
@@ -482,7 +462,7 @@ def test_op_compress_matches_reference(pattern, dtype, shape):
 
 
 @pytest.mark.parametrize("case", GEMM_CASES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=param_id)
 def test_op_sparse_mm_and_sparse_matmul_match_reference(dtype, case):
     x, other, bias, lr_down, lr_up = gemm_case(case, dtype)
     values, indices, scale = rtlynx.compress(x, 2, 4)
@@ -497,8 +477,8 @@ def test_op_sparse_mm_and_sparse_matmul_match_reference(dtype, case):
 
 
 @pytest.mark.parametrize("case", ["linear2d", "linear3d_nobias", "bmm"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("pattern", PATTERNS, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=param_id)
+@pytest.mark.parametrize("pattern", PATTERNS, ids=param_id)
 def test_sparse_mm_of_compress_equals_sparse_matmul(pattern, dtype, case):
     # The two-op route the passes may emit and the fused op must give the same bits.
     n, m = pattern
@@ -507,7 +487,7 @@ def test_sparse_mm_of_compress_equals_sparse_matmul(pattern, dtype, case):
     assert_bits_equal(unfused, rtlynx.sparse_matmul(x, other, bias, n=n, m=m))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=param_id)
 def test_opcheck_compress(dtype):
     for shape, (n, m), norm_comp in [((6, 16), (2, 4), True), ((2, 3, 16), (4, 8), True),
                                      ((16,), (1, 2), False)]:
@@ -518,7 +498,7 @@ def test_opcheck_compress(dtype):
         torch.library.opcheck(rtlynx.compress.default, (x, n, m, norm_comp))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=param_id)
 def test_opcheck_sparse_mm(dtype):
     for case, (n, m) in [("linear2d", (2, 4)), ("bmm_bias2d_lowrank", (4, 8))]:
         x, other, bias, _, _ = gemm_case(case, dtype)
@@ -526,7 +506,7 @@ def test_opcheck_sparse_mm(dtype):
         torch.library.opcheck(rtlynx.sparse_mm.default, (values, indices, scale, other, bias, n, m))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=param_id)
 def test_opcheck_sparse_matmul(dtype):
     for case, kwargs in [("linear2d", dict(n=2, m=4)),
                          ("linear3d_lowrank_bias2d", dict(n=1, m=2, norm_comp=False)),
@@ -535,7 +515,7 @@ def test_opcheck_sparse_matmul(dtype):
         torch.library.opcheck(rtlynx.sparse_matmul.default, (x, other, bias, lr_down, lr_up), kwargs)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=param_id)
 def test_fake_implementations_give_real_shapes_and_dtypes(dtype):
     cases = [
         # (x shape, other shape, bias shape, n, m)
@@ -596,7 +576,7 @@ def test_ops_compile_once_for_two_token_counts():
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("pattern", [(3, 4), (2, 5)], ids=_id)
+@pytest.mark.parametrize("pattern", [(3, 4), (2, 5)], ids=param_id)
 def test_unsupported_pattern_lists_valid_patterns(pattern):
     n, m = pattern
     msg = re.escape(f"unsupported N:M pattern {n}:{m}; {VALID_PATTERNS}")
@@ -620,7 +600,7 @@ def test_unsupported_pattern_lists_valid_patterns(pattern):
             rtlynx.sparse_matmul(fx, fw, n=n, m=m)
 
 
-@pytest.mark.parametrize("pattern", [(3, 4), (2, 5)], ids=_id)
+@pytest.mark.parametrize("pattern", [(3, 4), (2, 5)], ids=param_id)
 def test_op_sparse_mm_unsupported_pattern_lists_valid_patterns(pattern):
     # Regression test for a fixed bug (ops.sparse_mm): the real op computes K = values.shape[-1] // n * m and checks it against
     # other *before* checking the pattern, so it reports "reduction dims differ: x has K=4" (a K the
@@ -632,7 +612,7 @@ def test_op_sparse_mm_unsupported_pattern_lists_valid_patterns(pattern):
         rtlynx.sparse_mm(values, indices, scale, torch.randn(8, 3), None, n, m)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=param_id)
 def test_k_not_divisible_by_m(dtype):
     x, w = torch.randn(4, 10).to(dtype), torch.randn(10, 3).to(dtype)
     msg = re.escape("reduction dim K=10 is not divisible by M=4")
@@ -645,7 +625,7 @@ def test_k_not_divisible_by_m(dtype):
         reference.compress(torch.randn(2, 12), 4, 8)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.int32], ids=_id)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32], ids=param_id)
 def test_unsupported_dtype_lists_supported_dtypes(dtype):
     x = torch.randint(-3, 4, (4, 8)).to(dtype)
     w = torch.randint(-3, 4, (8, 3)).to(dtype)
@@ -660,7 +640,7 @@ def test_unsupported_dtype_lists_supported_dtypes(dtype):
         rtlynx.sparse_matmul(torch.randn(4, 8), w, n=2, m=4)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.int32], ids=_id)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32], ids=param_id)
 def test_op_sparse_mm_rejects_unsupported_dtype(dtype):
     # Regression test for a fixed bug (ops.sparse_mm / reference.sparse_mm): neither checks the operand dtype, so float64 or
     # int32 values are silently computed (and returned in that dtype) although compress, sparse_matmul

@@ -9,9 +9,12 @@ import torch.nn as nn
 import lynx_compile
 from lynx_compile.kernels import cusparselt, reference, registry
 from lynx_compile.policy import KernelUnavailableError
+from shared import DEVICE, HALF_DTYPES, HAS_CUDA
 
-HAS_CUSPARSELT = not cusparselt.unavailable_reason(
-    registry.Problem("cuda", torch.bfloat16, 64, 64, 64, 1, (2, 4)))
+# On a CUDA device, cuSPARSELt's own reason (compute capability below 8.0, no cuSPARSELt in this torch);
+# the gpu marker says when there is no CUDA device at all.
+CUSPARSELT_REASON = cusparselt.unavailable_reason(
+    registry.Problem("cuda", torch.bfloat16, 64, 64, 64, 1, (2, 4))) if HAS_CUDA else ""
 
 
 def _problem(**changes):
@@ -27,7 +30,7 @@ def test_auto_preference_order_per_device():
 def test_cusparselt_reasons():
     assert cusparselt.unavailable_reason(_problem(pattern=(4, 8))) == "sparse tensor cores support 2:4 only, not 4:8"
     assert cusparselt.unavailable_reason(_problem(device_type="cpu")) == "needs a CUDA device, got 'cpu'"
-    if not torch.cuda.is_available():
+    if not HAS_CUDA:
         assert cusparselt.unavailable_reason(_problem()) == "CUDA is not available"
 
 
@@ -39,24 +42,24 @@ def test_auto_on_cpu_uses_reference_and_records_it():
     assert (record.kernel, record.kernel_reason) == ("reference", "")
 
 
+@pytest.mark.triton
 @torch.no_grad()
 def test_forced_triton_runs_through_inductor_and_matches_reference():
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    layer, x = nn.Linear(64, 32).to(device), torch.randn(40, 64, device=device)
+    layer, x = nn.Linear(64, 32).to(DEVICE), torch.randn(40, 64, device=DEVICE)
     out = torch.compile(layer, backend="rtlynx", options={"min_tokens": 0, "kernel": "triton"})(x)
     (record,) = lynx_compile.reports()[-1].records
     assert record.kernel == "triton"
     # On CUDA, Inductor launches the kernels (rtlynx::triton_sparse_matmul inlined). On the CPU they
     # are the interpreter's, which it cannot launch: the op launches them.
-    assert (record.launch, record.launch_reason) == (("inductor", "") if device == "cuda" else (
+    assert (record.launch, record.launch_reason) == (("inductor", "") if DEVICE == "cuda" else (
         "op", "the Triton interpreter's kernels (not on CUDA) cannot be traced"))
     expected = reference.sparse_matmul(x, layer.weight.t(), layer.bias, n=2, m=4)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 @torch.no_grad()
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+@pytest.mark.skipif(HAS_CUDA, reason="checks the error on a machine without CUDA")
 def test_forced_cusparselt_without_cuda_is_a_clear_error():
     layer = nn.Linear(16, 8)
     fn = torch.compile(layer, backend="rtlynx", options={"min_tokens": 0, "kernel": "cusparselt"})
@@ -67,8 +70,9 @@ def test_forced_cusparselt_without_cuda_is_a_clear_error():
     assert isinstance(info.value.inner_exception, KernelUnavailableError)
 
 
-@pytest.mark.skipif(not HAS_CUSPARSELT, reason="needs a CUDA GPU (sm80+) with cuSPARSELt")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.gpu("cuSPARSELt")
+@pytest.mark.skipif(bool(CUSPARSELT_REASON), reason=f"cuSPARSELt cannot run here: {CUSPARSELT_REASON}")
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("shape", [(100, 128, 72), (256, 1152, 1152), (33, 64, 40)])
 def test_cusparselt_matches_reference_on_gpu(dtype, shape):
     m, k, n = shape

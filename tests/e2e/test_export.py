@@ -51,6 +51,20 @@ def test_transform_rewrites_an_exported_program(tmp_path):
     assert result.stdout.strip() == "reloaded ok"
 
 
+@torch.no_grad()
+def test_a_rewritten_gemm_that_is_the_programs_output_saves_and_loads(tmp_path):
+    # With a 2-D input the last addmm is the graph's output itself (no reshape after it): the
+    # signature must name the new node, or torch.export.save raises SpecViolationError.
+    model, x = _model(), torch.randn(10, 16)
+    program = lynx_compile.transform(torch.export.export(model, (x,)), {"min_tokens": 0})
+    (output,) = program.graph.output_node().args[0]
+    assert output.target == torch.ops.rtlynx.sparse_matmul.default
+    assert [spec.arg.name for spec in program.graph_signature.output_specs] == [output.name]
+    torch.export.save(program, tmp_path / "lynx.pt2")
+    loaded = torch.export.load(tmp_path / "lynx.pt2")
+    torch.testing.assert_close(loaded.module()(x), _expected(model, x), rtol=1e-6, atol=1e-6)
+
+
 def test_transform_rejects_other_inputs_and_plans():
     with pytest.raises(TypeError, match="transform\\(\\) takes a torch.export.ExportedProgram or an fx.GraphModule, "
                                         "got Sequential"):

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 
 from lynx_compile import cli
+from shared import not_installed
 
 pytestmark = pytest.mark.slow
 
 
 def test_demo_runs_end_to_end_and_writes_a_valid_png(tmp_path, capsys):
-    image_module = pytest.importorskip("PIL.Image", reason="Pillow comes with matplotlib, a test dependency")
+    image_module = pytest.importorskip("PIL.Image", reason=not_installed("Pillow", via=" via matplotlib"))
     out = tmp_path / "demo"
     assert cli.main(["demo", "--images", "4", "--steps", "3", "--compensation", "full", "--out", str(out),
                      "--no-progress"]) == 0

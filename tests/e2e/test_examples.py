@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("diffusers", reason="diffusers is a test dependency (pip install -e .[test])")
+from shared import ROOT, not_installed
+
+pytest.importorskip("diffusers", reason=not_installed("diffusers"))
 
 pytestmark = pytest.mark.slow
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = ROOT / "examples"
 
 
 def test_diffusers_pipeline_example(tmp_path):

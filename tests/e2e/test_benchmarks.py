@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import bench_linear
+from shared import not_installed
 
 
 def test_cpu_smoke_run_writes_json_and_table(tmp_path, capsys):
@@ -24,12 +25,9 @@ def test_cpu_smoke_run_writes_json_and_table(tmp_path, capsys):
     assert "32x64x16" in capsys.readouterr().out and list(tmp_path.glob("bench_linear_cpu_*.md"))
 
 
+@pytest.mark.triton(device="cpu")
 def test_compiled_triton_route_matches_the_reference(tmp_path):
     """The route that times the inlined kernels on CUDA; on the CPU it runs the interpreter through the op."""
-    from lynx_compile.kernels import triton_compress
-
-    if triton_compress.triton_unavailable_reason("cpu"):
-        pytest.skip(triton_compress.triton_unavailable_reason("cpu"))
     assert bench_linear.main(["--device", "cpu", "--dtype", "float32", "--shapes", "32x64x16",
                               "--routes", "lynx_triton_compiled", "--out", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("bench_linear_cpu_*.json")
@@ -49,6 +47,7 @@ def test_bad_arguments_are_clear_errors():
 
 @pytest.mark.slow
 def test_bench_dit_cpu_smoke_run(tmp_path, capsys):
+    pytest.importorskip("diffusers", reason=not_installed("diffusers"))  # the benchmark's Flux model
     import bench_dit
 
     assert bench_dit.main(["--device", "cpu", "--tiny", "--dtype", "float32", "--iters", "2",

@@ -11,22 +11,28 @@ import lynx_compile
 from lynx_compile import DenseSteps, run_dense
 from lynx_compile.calibration import calibrate
 from lynx_compile.policy import PlanMismatchError
-from test_calibration import BASE, TinyDiT, sample_tokens, setup  # noqa: F401  (setup is a fixture)
+from calibration_model import BASE, TinyDiT, sample_tokens, train_and_sample
 
 
 @pytest.fixture(scope="module")
-def saved_plan(setup, tmp_path_factory):  # noqa: F811
+def setup():
+    """(trained model, 8 calibration batches, 4 held-out batches), as in test_calibration.py."""
+    return train_and_sample()
+
+
+@pytest.fixture(scope="module")
+def saved_plan(setup, tmp_path_factory):
     model, cal, _ = setup
     plan = calibrate(model, cal[:4], {**BASE, "permutation": True, "error_budget": None}, progress=False)
     return plan, plan.save(tmp_path_factory.mktemp("plan"))
 
 
 def _options(path, **extra):
-    return {"plan": str(path), "min_tokens": 0, "op_kinds": "linear", **extra}
+    return {"plan": str(path), "op_kinds": "linear", **extra}  # the plan's min_tokens (16)
 
 
 @torch.no_grad()
-def test_compiled_plan_equals_the_plans_eager_model(setup, saved_plan):  # noqa: F811
+def test_compiled_plan_equals_the_plans_eager_model(setup, saved_plan):
     model, _, held = setup
     plan, path = saved_plan
     (x, t), _ = held[0]
@@ -42,18 +48,40 @@ def test_compiled_plan_equals_the_plans_eager_model(setup, saved_plan):  # noqa:
         else:
             assert record.reason == f"plan keeps it dense: {layer.reason}"
 
-    # The plan's eager model compiled by plain Inductor computes the non-GEMM ops with the same
-    # kernels, so the top-k selections see identical inputs. Inductor fuses the residual adds around
-    # the two kinds of call differently: rounding-level differences remain (a wrong plan tensor or a
-    # flipped selection moves outputs by orders of magnitude more).
     torch._dynamo.reset()
     with plan.apply_eager(model):
         expected = torch.compile(model, backend="inductor")(x, t)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert_equal_but_for_a_few_flipped_tokens(out, expected)
+
+
+def assert_equal_but_for_a_few_flipped_tokens(out, expected):
+    """The compiled plan equals the plan's eager model to 1e-5 in all but at most 1% of the tokens, and its
+    relative L2 error stays below 3e-2.
+
+    The plan's eager model compiled by plain Inductor computes the non-GEMM ops with the same kernels,
+    but Inductor fuses the ops around the two kinds of GEMM call differently, so an activation can
+    differ by a rounding error. Where it sits at a tie of a top-2-of-4 selection, the selection flips:
+    that token's outputs then move by far more than rounding (every layer of this model acts on each
+    token alone), no other token's do. Seen with 2 OpenMP threads; with 1, in none of 100 inputs.
+
+    Measured on 900 inputs drawn like held[0], 2 threads: 15 had a flip, each in one token (at most 32
+    of the 16,384 outputs beyond 1e-5), relative L2 error up to 1.0e-2 (max |diff| 0.55); without a
+    flip, max |diff| <= 6.4e-6 and relative L2 2.4e-7. A wrong plan moves every token: against this
+    output, the plan's eager model without its bias corrections has 512 of 512 tokens off and relative
+    L2 0.195, without its low-rank tensors 512 and 0.33, with the last layer's bias_delta zeroed 512
+    and 0.081, with one element of one lr_up off by 1 512 and 0.156. The token bound (5 of 512) is 100x
+    below any wrong plan and 5x above the flips seen; the L2 bound is 3x above the worst flip and, as a
+    second check, below every wrong plan.
+    """
+    close = torch.isclose(out, expected, rtol=1e-5, atol=1e-5).reshape(-1, out.shape[-1])
+    tokens_off = int((~close.all(dim=-1)).sum())
+    rel_l2 = ((out - expected).norm() / expected.norm()).item()
+    assert tokens_off <= 0.01 * close.shape[0], f"{tokens_off} of {close.shape[0]} tokens differ beyond 1e-5"
+    assert rel_l2 < 3e-2, f"relative L2 error {rel_l2:.3g}"
 
 
 @torch.no_grad()
-def test_plan_compensation_lowers_the_model_error(setup, saved_plan):  # noqa: F811
+def test_plan_compensation_lowers_the_model_error(setup, saved_plan):
     model, _, held = setup
     _, path = saved_plan
     (x, t), _ = held[1]
@@ -66,7 +94,7 @@ def test_plan_compensation_lowers_the_model_error(setup, saved_plan):  # noqa: F
 
 
 @torch.no_grad()
-def test_dense_steps_switch_at_run_time_without_recompiling(setup, saved_plan):  # noqa: F811
+def test_dense_steps_switch_at_run_time_without_recompiling(setup, saved_plan):
     model, _, held = setup
     _, path = saved_plan
     (x, _), _ = held[2]
@@ -108,12 +136,12 @@ def test_plan_for_another_model_is_a_clear_error(saved_plan):
 
 
 @torch.no_grad()
-def test_plan_and_options_must_agree(setup, saved_plan):  # noqa: F811
+def test_plan_and_options_must_agree(setup, saved_plan):
     model, _, held = setup
     _, path = saved_plan
     (x, t), _ = held[0]
-    message = (f"plan {path} was calibrated for pattern '2:4' with norm_comp=True, but the options say pattern "
-               f"'4:8' with norm_comp=True; compile with the plan's settings or calibrate again")
+    message = (f"option 'pattern' is '4:8' but plan {path} was calibrated with pattern='2:4'; leave the option "
+               f"out to use the plan's value, or calibrate again")
     with pytest.raises(Exception, match=re.escape(message)):
         torch.compile(model, backend="rtlynx", options=_options(path, pattern="4:8"))(x, t)
 

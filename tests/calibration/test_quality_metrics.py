@@ -8,6 +8,7 @@ import torch
 
 from lynx_compile import quality
 from lynx_compile.images import grid, side_by_side, to_uint8, write_png
+from shared import not_installed
 
 
 def _images(seed, count=5):
@@ -81,7 +82,7 @@ def test_accuracy():
 
 
 def test_png_round_trips_through_a_decoder(tmp_path):
-    image_module = pytest.importorskip("PIL.Image", reason="Pillow comes with matplotlib, a test dependency")
+    image_module = pytest.importorskip("PIL.Image", reason=not_installed("Pillow", via=" via matplotlib"))
     images = to_uint8(_images(4, 3))
     figure = side_by_side([grid(images, columns=2), grid(images[:1], columns=1)])
     path = write_png(tmp_path / "grid.png", figure)

@@ -30,8 +30,9 @@ import torch
 import torch.nn as nn
 
 import lynx_compile
+from shared import not_installed
 
-diffusers = pytest.importorskip("diffusers", reason="diffusers is a test dependency (pip install -e .[test])")
+diffusers = pytest.importorskip("diffusers", reason=not_installed("diffusers"))
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("share_compiled_kernels_within_a_test")]
 

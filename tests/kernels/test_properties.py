@@ -1,7 +1,7 @@
 """Property tests of the ``torch.ops.rtlynx`` ops and the Triton kernels on strided inputs and every
 class of value, and a catalogue of bad input with its exact error.
 
-tests/test_reference_ops.py checks the reference itself against naive float64 loops on contiguous
+tests/kernels/test_reference_ops.py checks the reference itself against naive float64 loops on contiguous
 inputs. Here hypothesis draws what that file does not: memory layouts (transposed, column and row
 steps, storage offsets, stride-0 rows, permuted 3-D batches) and value classes (zeros and -0.0,
 ties, NaN and +-Inf, values whose squares overflow fp16 or fp32, subnormals, and rows that mix
@@ -18,7 +18,6 @@ them), and checks that
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from unittest import mock
@@ -26,29 +25,20 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn as nn
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import lynx_compile
 from lynx_compile import LynxConfig
+from lynx_compile.config import option_names
 from lynx_compile.kernels import reference, triton_compress
+from shared import DEVICE, DTYPES, HUGE, PATTERNS, TINY, bits, given, requires, settings, st
 
 rtlynx = torch.ops.rtlynx
 
-PATTERNS = [(2, 4), (1, 2), (4, 8)]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-HUGE = {torch.float32: 1e30, torch.float16: 3e4, torch.bfloat16: 1e30}     # squares overflow fp32 / fp16
-TINY = {torch.float32: 1e-40, torch.float16: 1e-7, torch.bfloat16: 1e-40}  # subnormal
 VALUE_CLASSES = ["randn", "zeros", "ties", "nonfinite", "huge", "subnormal"]
 LAYOUTS = ["contiguous", "transposed", "column_step", "row_step", "offset", "stride0_rows", "permuted_batch"]
 # Outputs against the reference on contiguous copies: rtol, and atol as a fraction of max |output|.
 GEMM_TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(INT_VIEW[t.dtype]) if t.dtype in INT_VIEW else t
 
 
 def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -259,12 +249,7 @@ def test_sparse_matmul_op_on_any_layout(case, norm_comp, below_min_tokens):
 # 3. The Triton kernels (the interpreter on a machine without GPU) on any layout
 # ----------------------------------------------------------------------------------------------
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TRITON_REASON = triton_compress.triton_unavailable_reason(DEVICE)
-needs_triton = pytest.mark.skipif(bool(TRITON_REASON), reason=f"Triton kernels cannot run here: {TRITON_REASON}")
-
-
-@needs_triton
+@pytest.mark.triton
 @settings(max_examples=25, deadline=None)
 @given(case=gemms(), norm_comp=st.booleans())
 def test_triton_kernels_on_any_layout_match_the_reference(case, norm_comp):
@@ -302,7 +287,7 @@ def _compile_error(options, model=None, x=None, backend="rtlynx"):
     return getattr(info.value, "inner_exception", None) or info.value
 
 
-VALID_OPTIONS = ", ".join(repr(f.name) for f in dataclasses.fields(LynxConfig))
+VALID_OPTIONS = ", ".join(repr(name) for name in option_names(LynxConfig))
 
 
 @pytest.mark.parametrize("options, error", [
@@ -349,7 +334,8 @@ def test_unknown_inductor_config_key_is_rejected_by_from_options():
 
 
 @pytest.mark.parametrize("kernel, options, reason", [
-    ("triton", {}, "device 'cpu' needs TRITON_INTERPRET=1 for the Triton interpreter"),
+    pytest.param("triton", {}, "device 'cpu' needs TRITON_INTERPRET=1 for the Triton interpreter",
+                 marks=requires("triton", "triton")),  # without triton, the reason says so instead
     ("cusparselt", {"pattern": "4:8"}, "sparse tensor cores support 2:4 only, not 4:8"),
 ])
 @torch.no_grad()
@@ -385,7 +371,7 @@ def test_dense_reason_in_the_report_through_torch_compile(dtype, in_features, op
         torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3)
 
 
-@needs_triton
+@pytest.mark.triton(device="cpu")
 @pytest.mark.parametrize("how", ["inner_eager", "explain", "inductor_after_eager"])
 @torch.no_grad()
 def test_forced_triton_passes_its_self_test_in_every_compile_path(monkeypatch, how):

@@ -15,7 +15,9 @@ import textwrap
 
 import pytest
 
-pytest.importorskip("triton")
+from shared import not_installed
+
+pytest.importorskip("triton", reason=not_installed("triton", "triton"))
 
 # Shared memory a block may use (CUDA C++ Programming Guide, "Technical Specifications per Compute
 # Capability"): 163 KB on 8.0, 99 KB on 8.6 and 8.9, 227 KB on 9.0.

@@ -14,31 +14,15 @@ import sys
 import pytest
 import torch
 
-pytest.importorskip("triton", reason="triton is not installed (optional dependency: pip install '.[triton]')")
+from lynx_compile.kernels import reference
+from lynx_compile.kernels import triton_compress as tc
+from lynx_compile.kernels import triton_sparse_mm as tsm
+from shared import DEVICE, DTYPES, HUGE, NAN_BITS, PATTERNS, TINY, bits, param_id
 
-from lynx_compile.kernels import reference  # noqa: E402
-from lynx_compile.kernels import triton_compress as tc  # noqa: E402
-from lynx_compile.kernels import triton_sparse_mm as tsm  # noqa: E402
+pytestmark = pytest.mark.triton  # every test here runs the kernels, or asks whether they can run
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if tc.triton_unavailable_reason(DEVICE):
-    pytest.skip(f"Triton kernels cannot run here: {tc.triton_unavailable_reason(DEVICE)}", allow_module_level=True)
-
-PATTERNS = [(2, 4), (1, 2), (4, 8)]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-# A NaN with a payload (and the sign bit set), so a kept NaN is told apart from the poison NaN.
-NAN_BITS = {torch.float32: -0x3FFFFF, torch.float16: -0x1FF, torch.bfloat16: -0x3F}
-HUGE = {torch.float32: 1e30, torch.float16: 3e4, torch.bfloat16: 1e30}     # squares overflow
-TINY = {torch.float32: 1e-40, torch.float16: 1e-7, torch.bfloat16: 1e-40}  # subnormal
 # (rtol, atol as a fraction of the largest reference output) for the GEMM outputs.
 GEMM_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (2**-7, 1e-3)}
-
-
-def _id(value):
-    if isinstance(value, tuple) and len(value) == 2:
-        return f"{value[0]}:{value[1]}"
-    return str(value).removeprefix("torch.")
 
 
 @pytest.fixture(autouse=True)
@@ -47,10 +31,6 @@ def _setup(monkeypatch):
     torch.manual_seed(0)
     with torch.device(DEVICE):  # the compiled kernels on a GPU machine, the interpreter elsewhere
         yield
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(INT_VIEW[t.dtype])
 
 
 def special_rows(rows: int, k: int, dtype: torch.dtype) -> torch.Tensor:
@@ -103,15 +83,15 @@ COMPRESS_CASES = {
 
 
 @pytest.mark.parametrize("case", list(COMPRESS_CASES))
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("pattern", PATTERNS, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=param_id)
+@pytest.mark.parametrize("pattern", PATTERNS, ids=param_id)
 def test_compress_matches_reference(pattern, dtype, case):
     build, kwargs = COMPRESS_CASES[case]
     x = build(dtype)
     check_compress(x, *pattern, tc.compress(x, *pattern, **kwargs))
 
 
-@pytest.mark.parametrize("pattern", PATTERNS, ids=_id)
+@pytest.mark.parametrize("pattern", PATTERNS, ids=param_id)
 def test_compress_perm(pattern):
     x = special_rows(12, 64, torch.bfloat16).reshape(3, 4, 64)
     perm = torch.randperm(64)
@@ -186,8 +166,8 @@ GEMM_CASES = {
 
 
 @pytest.mark.parametrize("case", list(GEMM_CASES))
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("pattern", PATTERNS, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=param_id)
+@pytest.mark.parametrize("pattern", PATTERNS, ids=param_id)
 def test_sparse_matmul_matches_reference(pattern, dtype, case):
     args, blocks = GEMM_CASES[case](dtype)
     n, m = pattern
@@ -195,7 +175,7 @@ def test_sparse_matmul_matches_reference(pattern, dtype, case):
     assert_gemm_close(got, reference.sparse_matmul(*args, n=n, m=m))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=param_id)
 def test_sparse_mm_matches_reference(dtype):
     x = torch.randn(2, 35, 96).to(dtype)
     other = (torch.randn(40, 96) / 10).to(dtype).t()
@@ -280,8 +260,8 @@ def test_import_without_triton():
 
 # -------------------------------------------------------------------------------- pruned layout
 
-@pytest.mark.parametrize("n, m", PATTERNS, ids=_id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("n, m", PATTERNS, ids=param_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=param_id)
 def test_prune_writes_the_dense_layout_cusparselt_packs(n, m, dtype):
     x = special_rows(24, 40 * m, dtype)
     perm = torch.randperm(x.shape[-1])

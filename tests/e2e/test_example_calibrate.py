@@ -2,15 +2,17 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "calibrate_and_compile.py"
+from shared import ROOT, not_installed
+
+EXAMPLE = ROOT / "examples" / "calibrate_and_compile.py"
 
 
 @pytest.mark.slow
 def test_calibrate_and_compile_example(tmp_path):
+    pytest.importorskip("diffusers", reason=not_installed("diffusers"))  # the example's model
     result = subprocess.run([sys.executable, str(EXAMPLE), "--plan-dir", str(tmp_path / "plan"), "--steps", "3"],
                             capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

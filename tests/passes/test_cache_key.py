@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from shared import ROOT
 
 # Prints the default pipeline's uuid, then the uuid after each file (relative to the installed
 # package) gets one more line, then restores it.

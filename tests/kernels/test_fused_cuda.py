@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from lynx_compile.kernels import cuda_rtc, fused_cuda, fused_tiles, reference, registry
+from shared import HALF_DTYPES, HAS_CUDA
 
 HOST_WRAPPER = r"""
 #include "nm_compress.cuh"
@@ -55,7 +56,7 @@ def host_compress(tmp_path_factory):
     (folder / "nm_compress.cuh").write_text(fused_cuda.cuda_file("nm_compress.cuh"))
     (folder / "wrapper.cpp").write_text(HOST_WRAPPER)
     libraries = {}
-    for dtype in (torch.bfloat16, torch.float16):
+    for dtype in HALF_DTYPES:
         library = folder / f"compress_{str(dtype)[6:]}.so"
         subprocess.run([compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-DLYNX_HOST",
                         f"-DIS_BF16={int(dtype == torch.bfloat16)}", f"-I{folder}", str(folder / "wrapper.cpp"),
@@ -106,7 +107,7 @@ def _awkward_rows(dtype: torch.dtype, k: int = 128) -> torch.Tensor:
     return bits.view(dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
 def test_host_compression_matches_reference_bit_for_bit(host_compress, dtype):
     gen = torch.Generator().manual_seed(0)
     x = torch.cat([_awkward_rows(dtype), torch.randn(54, 128, generator=gen).to(dtype)])
@@ -147,7 +148,7 @@ BUILD_TARGETS = [(arch, c) for c in MMA_CONFIGS for arch in ("sm_80", "sm_90")] 
 
 
 @needs_nvrtc
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("arch,config", BUILD_TARGETS, ids=[f"{a}-{c.name}" for a, c in BUILD_TARGETS])
 def test_kernel_builds_for_each_target_without_spilling(tmp_path, monkeypatch, arch, dtype, config):
     monkeypatch.setenv("LYNX_COMPILE_CACHE", str(tmp_path))
@@ -309,7 +310,7 @@ def _problem(**changes):
 def test_fused_kernel_reasons():
     assert fused_cuda.unavailable_reason(_problem(pattern=(4, 8))) == "mma.sp supports 2:4 only, not 4:8"
     assert fused_cuda.unavailable_reason(_problem(device_type="cpu")) == "needs a CUDA device, got 'cpu'"
-    if not torch.cuda.is_available():
+    if not HAS_CUDA:
         assert fused_cuda.unavailable_reason(_problem()) == "CUDA is not available"
 
 
@@ -327,12 +328,15 @@ def test_forced_fused_kernel_without_cuda_is_a_clear_error():
 
 # ---- on a GPU ------------------------------------------------------------------------------------
 
-HAS_FUSED = torch.cuda.is_available() and not fused_cuda.unavailable_reason(_problem())
-needs_fused = pytest.mark.skipif(not HAS_FUSED, reason="needs a CUDA GPU with sm_80+ and NVRTC for the fused kernel")
+# On a CUDA device, the kernel's own reason (compute capability below 8.0, no NVRTC); the gpu marker says
+# when there is no CUDA device at all.
+FUSED_REASON = fused_cuda.unavailable_reason(_problem()) if HAS_CUDA else ""
+needs_fused = pytest.mark.skipif(bool(FUSED_REASON), reason=f"the fused kernel cannot run here: {FUSED_REASON}")
 
 
+@pytest.mark.gpu("the fused kernel")
 @needs_fused
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("shape", [(128, 64, 256), (1, 192, 8), (300, 1152, 264), (1000, 3072, 1152)])
 @pytest.mark.parametrize("extras", ["none", "bias", "bias+lowrank", "no-norm"])
 def test_fused_matches_reference_on_gpu(dtype, shape, extras):
@@ -353,6 +357,7 @@ def test_fused_matches_reference_on_gpu(dtype, shape, extras):
     assert (got - expected).abs().max().item() <= tolerance
 
 
+@pytest.mark.gpu("the fused kernel")
 @needs_fused
 @pytest.mark.parametrize("config", fused_cuda.TILE_CONFIGS, ids=lambda c: c.name)
 @pytest.mark.parametrize("m, k, n", [(300, 1152, 264), (200, 256, 520)])  # even and odd numbers of N tiles
@@ -371,6 +376,7 @@ def test_every_tile_config_matches_reference_on_gpu(config, m, k, n):
     assert (out.float() - expected).abs().max().item() <= tolerance
 
 
+@pytest.mark.gpu("the fused kernel")
 @needs_fused
 def test_fused_writes_every_output_and_propagates_non_finite_rows():
     x = torch.randn(130, 128, device="cuda", dtype=torch.bfloat16)

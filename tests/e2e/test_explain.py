@@ -7,7 +7,7 @@ import torch
 
 import lynx_compile
 from lynx_compile.cli import main
-from test_backend import _inputs
+from dit_block import block_and_input
 
 
 def _key(record):
@@ -16,7 +16,7 @@ def _key(record):
 
 @torch.no_grad()
 def test_explain_matches_compile_and_runs_the_dense_graph():
-    model, x = _inputs()
+    model, x = block_and_input()
     options = {"min_tokens": 20, "exclude": "fc2"}
     explanation = lynx_compile.explain(model, x, options=options)
     assert lynx_compile.reports() == []  # a dry run records nothing and compiles nothing

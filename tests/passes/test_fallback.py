@@ -20,7 +20,9 @@ def _broken(*args, **kwargs):
 
 @pytest.fixture
 def broken_triton(monkeypatch):
-    monkeypatch.setitem(registry._KERNELS, "triton", dataclasses.replace(registry.get_kernel("triton"), run=_broken))
+    """A "triton" kernel that says it can run (with or without Triton here) and fails when it does."""
+    broken = dataclasses.replace(registry.get_kernel("triton"), run=_broken, unavailable_reason=lambda problem: "")
+    monkeypatch.setitem(registry._KERNELS, "triton", broken)
     monkeypatch.setattr(registry, "_SELF_TEST", {})
 
 
@@ -47,6 +49,7 @@ def test_strict_makes_a_failing_kernel_an_error(broken_triton):
                                                "PTX assembly failed (strict=True)")
 
 
+@pytest.mark.triton(device="cpu")
 def test_self_test_passes_for_working_kernels_and_is_cached():
     triton = registry.get_kernel("triton")
     assert registry.self_test(triton, torch.device("cpu"), torch.float32, (2, 4)) == ""
@@ -62,6 +65,7 @@ def test_wrong_results_fail_the_self_test(monkeypatch):
                                                                                       torch.float32, (2, 4)))
 
 
+@pytest.mark.triton(device="cpu")
 @torch.no_grad()
 def test_self_test_runs_on_real_tensors_inside_the_compile(monkeypatch):
     # Passes run under the compile's FakeTensorMode (inner="eager", explain()): the self-test must not.
