@@ -10,6 +10,10 @@ markers (``gpu``, ``triton``, ``slow``) and skips marked tests from the availabi
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +21,17 @@ import torch
 
 from lynx_compile.kernels import contract, triton_compress
 
-ROOT = Path(__file__).resolve().parents[1]  # the repository: tests/ is one level below it
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_compiler_script(script: str, payload):
+    """Run ``script`` in a subprocess without Triton's interpreter, so that it compiles for real GPU
+    targets, with ``payload`` as JSON in argv[1]; returns the JSON on its last line of output."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(payload)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])  # the repository: tests/ is one level below it
 
 # ---- what the ops accept (kernels/contract.py), in the order the options list them -----------------
 PATTERNS = list(contract.SUPPORTED_PATTERNS)      # [(2, 4), (1, 2), (4, 8)]

@@ -93,6 +93,13 @@ def wavefronts(offsets, width: int) -> int:
     return total
 
 
+def _claim(memory: dict, address: int, size: int, what: tuple) -> None:
+    """Mark ``size`` bytes at ``address`` as written by ``what``; a byte written twice is an overlap."""
+    for byte in range(size):
+        assert address + byte not in memory, f"store over {memory[address + byte]}"
+        memory[address + byte] = (*what, byte)
+
+
 def test_wavefront_model():
     assert wavefronts(list(range(0, 128, 4)), 4) == 1                   # 32 consecutive words
     assert wavefronts([0] * 32, 4) == 1                                 # broadcast
@@ -240,22 +247,15 @@ def test_every_fragment_register_is_the_word_its_compressor_stored(layouts, conf
                 for lane in range(32):
                     tid = warp * 32 + lane
                     row, step = rank * x_rows + tid // ksteps, tid % ksteps
-                    for j in range(8):
-                        address = accesses[4 + j][lane]
-                        if address < 0:
-                            continue
-                        assert buf * slabs * ksteps * 512 <= address - a_base < (buf + 1) * slabs * ksteps * 512
-                        for byte in range(4):
-                            assert address + byte not in memory, f"store over {memory[address + byte]}"
-                            memory[address + byte] = ("A", row, step, j, byte)
-                    for h in range(2):
-                        address = accesses[12 + h][lane]
-                        if address < 0:
-                            continue
-                        assert buf * slabs * ksteps * 128 <= address - meta_base < (buf + 1) * slabs * ksteps * 128
-                        for byte in range(2):
-                            assert address + byte not in memory, f"store over {memory[address + byte]}"
-                            memory[address + byte] = ("meta", row, step, h, byte)
+                    # (what, first access, stores, bytes each, base, bytes per slab and step)
+                    for what, first, stores, size, base, span in (("A", 4, 8, 4, a_base, 512),
+                                                                  ("meta", 12, 2, 2, meta_base, 128)):
+                        for j in range(stores):
+                            address = accesses[first + j][lane]
+                            if address < 0:
+                                continue
+                            assert buf * slabs * ksteps * span <= address - base < (buf + 1) * slabs * ksteps * span
+                            _claim(memory, address, size, (what, row, step, j))
         assert len(memory) == slabs * 16 * ksteps * (8 * 4 + 2 * 2)  # every row, step and word of this buffer
         for slab in range(slabs):
             for step in range(ksteps):

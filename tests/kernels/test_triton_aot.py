@@ -7,15 +7,11 @@ kernel, with the block sizes and launch options its launcher uses at their large
 capabilities below.
 """
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
-from shared import not_installed
+from shared import not_installed, run_compiler_script
 
 pytest.importorskip("triton", reason=not_installed("triton", "triton"))
 
@@ -70,11 +66,7 @@ _SCRIPT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def compiled():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(BUILDS)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return dict(zip(map(tuple, BUILDS), json.loads(done.stdout.splitlines()[-1])))
+    return dict(zip(map(tuple, BUILDS), run_compiler_script(_SCRIPT, BUILDS)))
 
 
 @pytest.mark.parametrize("build", BUILDS, ids=lambda b: "-".join(map(str, b)))

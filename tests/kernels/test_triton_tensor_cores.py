@@ -19,11 +19,6 @@ Measured with Triton 3.7.1, 64x64x64 tiles, 4 warps (128 threads), per (arch, dt
   before and after: the exact path (no TF32), whose PTX the change leaves as it was.
 """
 
-import json
-import os
-import re
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -33,6 +28,7 @@ pytest.importorskip("triton", reason="triton is not installed (optional dependen
 
 from lynx_compile.kernels import triton_compress as tc  # noqa: E402
 from lynx_compile.kernels import triton_sparse_mm as tsm  # noqa: E402
+from shared import run_compiler_script  # noqa: E402
 
 BLOCK = 64            # DEFAULT_BLOCK_M/N/K and the cap of BLOCK_R: the largest tiles the launcher uses
 THREADS = 4 * 32      # Triton's default num_warps=4, which the launcher keeps
@@ -78,11 +74,7 @@ _SCRIPT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def ptx_counts():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(BUILDS)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.splitlines()[-1])
+    result = run_compiler_script(_SCRIPT, BUILDS)
     assert result["interpreted"] is False, "the compiled kernels must see INTERPRETED == False"
     return dict(zip(BUILDS, result["builds"]))
 
