@@ -21,7 +21,7 @@ import torch
 
 from lynx_compile.kernels import contract, triton_compress
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]  # the repository: tests/ is one level below it
 
 
 def run_compiler_script(script: str, payload):
@@ -31,7 +31,7 @@ def run_compiler_script(script: str, payload):
     done = subprocess.run([sys.executable, "-c", script, json.dumps(payload)], env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.splitlines()[-1])  # the repository: tests/ is one level below it
+    return json.loads(done.stdout.splitlines()[-1])
 
 # ---- what the ops accept (kernels/contract.py), in the order the options list them -----------------
 PATTERNS = list(contract.SUPPORTED_PATTERNS)      # [(2, 4), (1, 2), (4, 8)]
